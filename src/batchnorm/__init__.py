@@ -1,0 +1,28 @@
+"""batchnorm: batch normalization from first principles, and what it does in every layer of a deep network.
+
+Import as ``import batchnorm as bn``:
+
+- :mod:`batchnorm.reference`: the NumPy textbook (forward, backward, inference).
+- :func:`batchnorm.functional.batch_norm`: the PyTorch op, any feature axis.
+- :class:`BatchNorm`, :class:`BatchNorm1d`, :class:`BatchNorm2d`,
+  :class:`BatchNorm3d`: drop-in modules; :func:`convert` swaps torch's for ours.
+"""
+
+from batchnorm import functional, reference
+from batchnorm.functional import NonfiniteBatchError
+from batchnorm.modules import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d, convert, is_batch_norm
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BatchNorm",
+    "BatchNorm1d",
+    "BatchNorm2d",
+    "BatchNorm3d",
+    "NonfiniteBatchError",
+    "__version__",
+    "convert",
+    "functional",
+    "is_batch_norm",
+    "reference",
+]

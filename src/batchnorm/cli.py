@@ -1,0 +1,122 @@
+"""The ``batchnorm`` command line: one verb per task, each in its own module.
+
+Every verb module exposes ``configure_parser(parser)`` and ``run(args) -> int``;
+this file only wires them, sets threads, and turns user errors into one line
+on stderr with exit code 2 (no traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+from collections.abc import Sequence
+
+__all__ = ["UsageError", "main"]
+
+# verb -> (module, one-line help)
+VERBS: dict[str, tuple[str, str]] = {}
+
+THREADS_HELP = (
+    "CPU threads for torch (default 1: on small networks one thread is as fast as two and does not "
+    "collapse when another process is busy; OpenMP spin-waiting made 2-thread steps 4-200x slower under "
+    "contention). Also read from BATCHNORM_THREADS."
+)
+
+
+class UsageError(Exception):
+    """A user mistake: printed as one line on stderr, exit code 2."""
+
+
+def _default_threads() -> int:
+    value = os.environ.get("BATCHNORM_THREADS", "1")
+    try:
+        threads = int(value)
+    except ValueError:
+        raise UsageError(f"BATCHNORM_THREADS must be a positive integer, got {value!r}") from None
+    if threads < 1:
+        raise UsageError(f"BATCHNORM_THREADS must be a positive integer, got {value!r}")
+    return threads
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    """argparse type: a finite float >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite float > 0."""
+    value = non_negative_float(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
+    return value
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with exit code 2 and a one-line message (argparse's default prints usage first)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        sys.stderr.write(f"{self.prog}: error: {message}\n")
+        raise SystemExit(2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from batchnorm import __version__
+
+    parser = _Parser(
+        prog="batchnorm",
+        description=(
+            "Batch normalization in deep networks: how each BN layer computes its mean and variance, "
+            "and what that does to training. Start with `batchnorm compare` (the main job) or "
+            "`batchnorm explain`."
+        ),
+    )
+    parser.add_argument("--version", action="version", version=f"batchnorm {__version__}")
+    subparsers = parser.add_subparsers(dest="verb", metavar="VERB", parser_class=_Parser)
+    for verb, (module_name, help_text) in VERBS.items():
+        sub = subparsers.add_parser(verb, help=help_text, description=help_text[0].upper() + help_text[1:] + ".")
+        sub.add_argument("--threads", type=positive_int, default=None, help=THREADS_HELP)
+        module = importlib.import_module(module_name)
+        module.configure_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``batchnorm`` with ``argv`` (default ``sys.argv[1:]``); return the exit code."""
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if args.verb is None:
+            parser.print_help()
+            return 2
+        import torch
+
+        torch.set_num_threads(args.threads if args.threads is not None else _default_threads())
+        # Saturated sigmoid networks produce denormals that slow CPU math by orders of magnitude.
+        torch.set_flush_denormal(True)
+        module = importlib.import_module(VERBS[args.verb][0])
+        return int(module.run(args))
+    except UsageError as error:
+        sys.stderr.write(f"batchnorm: error: {error}\n")
+        return 2
+    except KeyboardInterrupt:
+        sys.stderr.write("batchnorm: interrupted\n")
+        return 130
