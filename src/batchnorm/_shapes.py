@@ -23,8 +23,7 @@ def canonical_axis(ndim: int, axis: int) -> int:
         raise ValueError(f"expected an integer feature axis, got {axis!r}")
     if not -ndim <= axis < ndim:
         raise ValueError(
-            f"feature axis {axis} is out of range for a {ndim}-D input "
-            f"(expected an axis in [{-ndim}, {ndim - 1}])"
+            f"feature axis {axis} is out of range for a {ndim}-D input (expected an axis in [{-ndim}, {ndim - 1}])"
         )
     return axis % ndim
 

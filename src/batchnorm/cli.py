@@ -16,7 +16,9 @@ from collections.abc import Sequence
 __all__ = ["UsageError", "main"]
 
 # verb -> (module, one-line help)
-VERBS: dict[str, tuple[str, str]] = {}
+VERBS: dict[str, tuple[str, str]] = {
+    "train": ("batchnorm.training", "one training run from a model spec; checkpoints, resume, divergence guard"),
+}
 
 THREADS_HELP = (
     "CPU threads for torch (default 1: on small networks one thread is as fast as two and does not "
@@ -114,7 +116,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.set_flush_denormal(True)
         module = importlib.import_module(VERBS[args.verb][0])
         return int(module.run(args))
-    except UsageError as error:
+    except (UsageError, ValueError) as error:
+        if os.environ.get("BATCHNORM_DEBUG"):
+            raise
         sys.stderr.write(f"batchnorm: error: {error}\n")
         return 2
     except KeyboardInterrupt:

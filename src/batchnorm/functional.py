@@ -217,7 +217,8 @@ def batch_norm_with_status(
                     nonfinite,
                 )
         return view.restore(y), updated
-    assert running_mean is not None and running_var is not None  # guaranteed by check_arguments
+    assert running_mean is not None
+    assert running_var is not None
     return view.restore(_inference(view.tensor, running_mean, running_var, weight, bias, eps)), False
 
 

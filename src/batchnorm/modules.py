@@ -121,7 +121,8 @@ class BatchNorm(nn.Module):
     def reset_running_stats(self) -> None:
         """Set running mean to 0, running variance to 1 and the batch counter to 0."""
         if self.track_running_stats:
-            assert self.running_mean is not None and self.running_var is not None
+            assert self.running_mean is not None
+            assert self.running_var is not None
             assert self.num_batches_tracked is not None
             self.running_mean.zero_()
             self.running_var.fill_(1)
@@ -131,7 +132,8 @@ class BatchNorm(nn.Module):
         """Reset running statistics, ``weight`` to 1 and ``bias`` to 0."""
         self.reset_running_stats()
         if self.affine:
-            assert self.weight is not None and self.bias is not None
+            assert self.weight is not None
+            assert self.bias is not None
             nn.init.ones_(self.weight)
             nn.init.zeros_(self.bias)
 

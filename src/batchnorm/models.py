@@ -1,0 +1,242 @@
+"""Deep networks from short spec strings, with a BN layer sized to each hidden layer.
+
+Specs (widths, input first; the last number is the number of classes):
+
+* ``mlp:784-100-100-100-10``: fully connected. Each hidden layer is
+  ``Linear -> BN -> nonlinearity`` (``placement="before"``, the paper's
+  ``z = g(BN(Wu))``, where the Linear has no bias because BN's beta replaces
+  it) or ``Linear -> nonlinearity -> BN`` (``placement="after"``). The BN
+  layer of a hidden layer of width ``D`` is ``BatchNorm1d(D)``: ``D`` means
+  and variances, each over the ``N`` examples of the batch.
+* ``cnn:1-16-32-10``: input channels, then one block per number
+  ``Conv3x3(pad 1) -> BN -> nonlinearity -> MaxPool2`` (BN after the
+  nonlinearity with ``placement="after"``), then global average pooling and a
+  Linear classifier. The BN layer of a block with ``C`` channels is
+  ``BatchNorm2d(C)``: ``C`` statistics, each over ``N*H*W`` values. On
+  28x28 inputs the blocks see 28x28, 14x14, 7x7, ... maps.
+
+Layers are named ``fc1, bn1, act1, fc2, ...`` (``conv1, bn1, act1, pool1,
+...`` for the CNN) and ``out`` for the classifier, so ``--layer bn2`` names a
+BN layer in ``explain``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from batchnorm.modules import BatchNorm1d, BatchNorm2d
+
+__all__ = [
+    "ACTIVATIONS",
+    "NORMS",
+    "PLACEMENTS",
+    "ModelSpec",
+    "build_model",
+    "parse_init",
+    "parse_spec",
+]
+
+ACTIVATIONS = ("sigmoid", "tanh", "relu")
+NORMS = ("batch", "none")
+PLACEMENTS = ("before", "after")
+NORM_IMPLEMENTATIONS = ("batchnorm", "torch")
+
+SPEC_HELP = (
+    "model spec: 'mlp:784-100-100-100-10' (fully connected widths, input first, classes last) or "
+    "'cnn:1-16-32-10' (input channels, one 3x3 conv block per number with BN and 2x2 max pooling, then "
+    "global average pooling and a linear classifier)"
+)
+INIT_HELP = (
+    "weight init: 'normal:STD' (the paper's small Gaussian, e.g. normal:0.01), 'kaiming', 'xavier', or "
+    "'default' (torch's)"
+)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A parsed spec: ``kind`` is ``"mlp"`` or ``"cnn"``; ``widths`` runs from input to classes."""
+
+    kind: str
+    widths: tuple[int, ...]
+
+    def __str__(self) -> str:
+        return f"{self.kind}:" + "-".join(str(width) for width in self.widths)
+
+
+def parse_spec(text: str) -> ModelSpec:
+    """Parse ``'mlp:784-100-10'`` or ``'cnn:1-16-32-10'``.
+
+    Raises:
+        ValueError: unknown kind, non-integer or non-positive widths, too few widths.
+    """
+    kind, separator, rest = text.partition(":")
+    kind = kind.strip().lower()
+    if not separator or kind not in ("mlp", "cnn"):
+        raise ValueError(f"unknown model spec {text!r}: expected 'mlp:784-100-10' or 'cnn:1-16-32-10'")
+    parts = rest.split("-")
+    widths: list[int] = []
+    for part in parts:
+        try:
+            width = int(part)
+        except ValueError:
+            raise ValueError(f"model spec {text!r}: width {part!r} is not an integer") from None
+        if width < 1:
+            raise ValueError(f"model spec {text!r}: widths must be positive, got {width}")
+        widths.append(width)
+    minimum = 2 if kind == "mlp" else 3
+    if len(widths) < minimum:
+        raise ValueError(f"model spec {text!r}: expected at least {minimum} widths (input ... classes)")
+    return ModelSpec(kind, tuple(widths))
+
+
+def parse_init(text: str) -> tuple[str, float]:
+    """Parse an init name: ``('normal', std)``, ``('kaiming', 0)``, ``('xavier', 0)`` or ``('default', 0)``."""
+    name, _, argument = text.partition(":")
+    name = name.strip().lower()
+    if name == "normal":
+        try:
+            std = float(argument)
+        except ValueError:
+            raise ValueError(f"init {text!r}: expected 'normal:STD' with a number, e.g. normal:0.01") from None
+        if not (std > 0 and math.isfinite(std)):
+            raise ValueError(f"init {text!r}: the standard deviation must be positive, got {argument}")
+        return name, std
+    if name in ("kaiming", "xavier", "default") and not argument:
+        return name, 0.0
+    raise ValueError(f"unknown init {text!r}: expected normal:STD, kaiming, xavier or default")
+
+
+def _activation(name: str) -> nn.Module:
+    if name == "sigmoid":
+        return nn.Sigmoid()
+    if name == "tanh":
+        return nn.Tanh()
+    if name == "relu":
+        return nn.ReLU()
+    raise ValueError(f"unknown activation {name!r}: expected one of {', '.join(ACTIVATIONS)}")
+
+
+def _norm_layer(width: int, dims: int, implementation: str) -> nn.Module:
+    if implementation == "torch":
+        return nn.BatchNorm1d(width) if dims == 1 else nn.BatchNorm2d(width)
+    return BatchNorm1d(width) if dims == 1 else BatchNorm2d(width)
+
+
+def _init_weights(model: nn.Module, init: str, activation: str, seed: int | None) -> None:
+    name, std = parse_init(init)
+    if name == "default":
+        return
+    # A generator of its own: networks with and without BN (whose Linear layers
+    # differ only by a bias) get identical weights from the same seed.
+    generator = None if seed is None else torch.Generator().manual_seed(seed)
+    for module in model.modules():
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            if name == "normal":
+                nn.init.normal_(module.weight, 0.0, std, generator=generator)
+            elif name == "kaiming":
+                nn.init.kaiming_normal_(
+                    module.weight, nonlinearity="relu" if activation == "relu" else "linear", generator=generator
+                )
+            else:
+                gain = nn.init.calculate_gain(
+                    "sigmoid" if activation == "sigmoid" else "tanh" if activation == "tanh" else "relu"
+                )
+                nn.init.xavier_normal_(module.weight, gain=gain, generator=generator)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+
+
+def build_model(
+    spec: str | ModelSpec,
+    activation: str = "sigmoid",
+    norm: str = "batch",
+    placement: str = "before",
+    init: str = "default",
+    norm_implementation: str = "batchnorm",
+    image_size: int = 28,
+    seed: int | None = None,
+) -> nn.Sequential:
+    """Build the network a spec describes.
+
+    Args:
+        spec: a spec string or :class:`ModelSpec`.
+        activation: ``sigmoid``, ``tanh`` or ``relu``.
+        norm: ``batch`` (a BN layer in every hidden layer) or ``none``.
+        placement: ``before`` the nonlinearity (the paper's) or ``after`` it.
+        init: see :func:`parse_init`.
+        norm_implementation: ``batchnorm`` (this package's layers) or ``torch``.
+        image_size: height and width of the input images (CNN only; checks
+            that every pooling step has at least a 1x1 map).
+        seed: seeds the generator of ``normal``/``kaiming``/``xavier`` init,
+            so two networks that differ only in BN get the same weights.
+
+    Returns:
+        an ``nn.Sequential`` with named layers; an MLP flattens its input
+        first, so both kinds take images ``(N, 1, H, W)``.
+
+    Shape:
+        - input: ``(N, C_in, H, W)`` (MLP: any shape with ``widths[0]``
+          values per example); output: ``(N, classes)`` logits.
+    """
+    parsed = parse_spec(spec) if isinstance(spec, str) else spec
+    for option, value, allowed in (
+        ("activation", activation, ACTIVATIONS),
+        ("norm", norm, NORMS),
+        ("placement", placement, PLACEMENTS),
+        ("norm implementation", norm_implementation, NORM_IMPLEMENTATIONS),
+    ):
+        if value not in allowed:
+            raise ValueError(f"unknown {option} {value!r}: expected one of {', '.join(allowed)}")
+    parse_init(init)
+    layers: OrderedDict[str, nn.Module] = OrderedDict()
+    use_bn = norm == "batch"
+    bn_first = use_bn and placement == "before"
+    if parsed.kind == "mlp":
+        layers["flatten"] = nn.Flatten()
+        hidden = parsed.widths[1:-1]
+        previous = parsed.widths[0]
+        for index, width in enumerate(hidden, start=1):
+            layers[f"fc{index}"] = nn.Linear(previous, width, bias=not bn_first)
+            if bn_first:
+                layers[f"bn{index}"] = _norm_layer(width, 1, norm_implementation)
+            layers[f"act{index}"] = _activation(activation)
+            if use_bn and not bn_first:
+                layers[f"bn{index}"] = _norm_layer(width, 1, norm_implementation)
+            previous = width
+        layers["out"] = nn.Linear(previous, parsed.widths[-1])
+    else:
+        channels = parsed.widths[1:-1]
+        previous = parsed.widths[0]
+        size = image_size
+        for index, width in enumerate(channels, start=1):
+            size //= 2
+            if size < 1:
+                raise ValueError(
+                    f"model spec {parsed}: {len(channels)} pooling blocks are too many for "
+                    f"{image_size}x{image_size} images (block {index} would see a 0x0 map)"
+                )
+            layers[f"conv{index}"] = nn.Conv2d(previous, width, 3, padding=1, bias=not bn_first)
+            if bn_first:
+                layers[f"bn{index}"] = _norm_layer(width, 2, norm_implementation)
+            layers[f"act{index}"] = _activation(activation)
+            if use_bn and not bn_first:
+                layers[f"bn{index}"] = _norm_layer(width, 2, norm_implementation)
+            layers[f"pool{index}"] = nn.MaxPool2d(2)
+            previous = width
+        layers["gap"] = nn.AdaptiveAvgPool2d(1)
+        layers["flatten"] = nn.Flatten()
+        layers["out"] = nn.Linear(previous, parsed.widths[-1])
+    model = nn.Sequential(layers)
+    _init_weights(model, init, activation, seed)
+    return model
+
+
+def input_features(spec: str | ModelSpec) -> int:
+    """Values per example (MLP) or channels (CNN) the first layer expects."""
+    parsed = parse_spec(spec) if isinstance(spec, str) else spec
+    return parsed.widths[0]
