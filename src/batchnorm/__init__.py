@@ -6,10 +6,12 @@ Import as ``import batchnorm as bn``:
 - :func:`batchnorm.functional.batch_norm`: the PyTorch op, any feature axis.
 - :class:`BatchNorm`, :class:`BatchNorm1d`, :class:`BatchNorm2d`,
   :class:`BatchNorm3d`: drop-in modules; :func:`convert` swaps torch's for ours.
+- :func:`explain`: what every BN layer of a model computes on a real batch.
 """
 
 from batchnorm import functional, reference
 from batchnorm.functional import NonfiniteBatchError
+from batchnorm.inspect import explain
 from batchnorm.modules import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d, convert, is_batch_norm
 
 __version__ = "0.1.0"
@@ -22,6 +24,7 @@ __all__ = [
     "NonfiniteBatchError",
     "__version__",
     "convert",
+    "explain",
     "functional",
     "is_batch_norm",
     "reference",

@@ -17,7 +17,10 @@ __all__ = ["UsageError", "main"]
 
 # verb -> (module, one-line help)
 VERBS: dict[str, tuple[str, str]] = {
+    "compare": ("batchnorm.experiments", "the main job: the same deep net with and without BN on real digits"),
+    "explain": ("batchnorm.inspect", "per-layer table: which axes each BN layer reduces, shapes and live numbers"),
     "train": ("batchnorm.training", "one training run from a model spec; checkpoints, resume, divergence guard"),
+    "report": ("batchnorm.report", "rebuild report.html from a run folder"),
 }
 
 THREADS_HELP = (
@@ -121,6 +124,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         sys.stderr.write(f"batchnorm: error: {error}\n")
         return 2
+    except BrokenPipeError:
+        # The reader (e.g. `| head`) went away: not an error of ours.
+        sys.stderr.close()
+        return 0
     except KeyboardInterrupt:
         sys.stderr.write("batchnorm: interrupted\n")
         return 130

@@ -1,0 +1,421 @@
+"""``explain``: what every BN layer of a network computes on a real batch.
+
+For each BN layer (this package's or torch's) :func:`explain` runs the model
+once in training mode on ``example_input`` and records the layer's input
+shape, its feature axis, the axes it reduces, how many values feed each mean
+and variance, the shapes of gamma and beta, and the numbers themselves: the
+batch mean and (biased) variance of every feature, the running estimates,
+gamma and beta. The model's running statistics, batch counters and
+train/eval modes are restored exactly afterwards, so explaining a model
+changes nothing.
+
+:func:`explain_unit` follows one statistic step by step: the ``m`` values that
+feed feature ``k`` of one layer, their mean, their variance, the normalized
+values, and gamma and beta applied, next to what input standardization does
+(fixed per-pixel statistics of the raw training set).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from batchnorm._shapes import canonical_axis, reduced_axes
+from batchnorm.modules import BatchNorm, is_batch_norm
+
+__all__ = ["explain", "explain_unit", "format_table"]
+
+
+def _feature_axis(module: nn.Module, ndim: int) -> int:
+    axis = module.axis if isinstance(module, BatchNorm) else 1
+    return canonical_axis(ndim, axis)
+
+
+def _vector(value: Tensor | None) -> list[float] | None:
+    return None if value is None else [float(v) for v in value.detach().double().flatten()]
+
+
+def _layout(x: Tensor, feature: int) -> str:
+    if x.dim() == 4 and feature == 1 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return "channels_last"
+    return "contiguous" if x.is_contiguous() else "strided"
+
+
+def _snapshot(model: nn.Module) -> tuple[dict[str, Tensor], dict[nn.Module, bool]]:
+    buffers = {name: buffer.detach().clone() for name, buffer in model.named_buffers()}
+    modes = {module: module.training for module in model.modules()}
+    return buffers, modes
+
+
+def _restore(model: nn.Module, buffers: dict[str, Tensor], modes: dict[nn.Module, bool]) -> None:
+    with torch.no_grad():
+        for name, buffer in model.named_buffers():
+            buffer.copy_(buffers[name])
+    for module, training in modes.items():
+        module.training = training
+
+
+def explain(model: nn.Module, example_input: Tensor, *, mode: str = "train") -> list[dict[str, Any]]:
+    """Describe every BN layer of ``model`` on ``example_input``.
+
+    Args:
+        model: any torch model with this package's or torch's BN layers.
+        example_input: a real batch, as the model takes it.
+        mode: ``"train"`` (default) shows the batch statistics training
+            would use; ``"eval"`` runs the model as in inference (the layers
+            then normalize with their running statistics; the batch
+            statistics are still reported for comparison).
+
+    Returns:
+        one dict per BN layer, in execution order, with ``name``, ``kind``,
+        ``input_shape``, ``layout``, ``feature_axis``, ``reduced_axes``,
+        ``num_features``, ``num_statistics``, ``values_per_statistic``,
+        ``param_shape``, ``eps``, ``momentum``, ``normalizes_with``
+        (``"batch"`` or ``"running"``), and lists ``batch_mean``,
+        ``batch_var`` (biased, computed in float64 from the layer's real
+        input), ``running_mean``, ``running_var``, ``weight``, ``bias``
+        (None where the layer has none).
+
+    The model's buffers and every module's train/eval mode are restored.
+    """
+    if mode not in ("train", "eval"):
+        raise ValueError(f"expected mode 'train' or 'eval', got {mode!r}")
+    names = {module: name for name, module in model.named_modules()}
+    layers = [module for module in model.modules() if is_batch_norm(module)]
+    records: list[dict[str, Any]] = []
+    buffers, modes = _snapshot(model)
+
+    def hook(module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
+        x = inputs[0]
+        feature = _feature_axis(module, x.dim())
+        axes = reduced_axes(x.dim(), feature)
+        data = x.detach().double()
+        running_mean = buffers.get(f"{names[module]}.running_mean" if names[module] else "running_mean")
+        running_var = buffers.get(f"{names[module]}.running_var" if names[module] else "running_var")
+        uses_batch = module.training or running_mean is None
+        weight = getattr(module, "weight", None)
+        records.append(
+            {
+                "name": names[module] or type(module).__name__,
+                "kind": type(module).__name__,
+                "implementation": "batchnorm" if isinstance(module, BatchNorm) else "torch",
+                "input_shape": list(x.shape),
+                "layout": _layout(x, feature),
+                "feature_axis": feature,
+                "reduced_axes": list(axes),
+                "num_features": int(x.shape[feature]),
+                "num_statistics": 2 * int(x.shape[feature]),
+                "values_per_statistic": x.numel() // max(int(x.shape[feature]), 1),
+                "param_shape": [int(x.shape[feature])] if weight is not None else None,
+                "eps": float(getattr(module, "eps", 0.0)),
+                "momentum": getattr(module, "momentum", None),
+                "normalizes_with": "batch" if uses_batch else "running",
+                "batch_mean": _vector(data.mean(dim=axes)),
+                "batch_var": _vector(data.var(dim=axes, correction=0)),
+                "running_mean": _vector(running_mean),
+                "running_var": _vector(running_var),
+                "weight": _vector(weight),
+                "bias": _vector(getattr(module, "bias", None)),
+                "output_shape": list(output.shape) if isinstance(output, Tensor) else None,
+            }
+        )
+
+    handles = [layer.register_forward_hook(hook) for layer in layers]
+    try:
+        model.train(mode == "train")
+        with torch.no_grad():
+            model(example_input)
+    finally:
+        for handle in handles:
+            handle.remove()
+        _restore(model, buffers, modes)
+    return records
+
+
+def _axes_names(record: dict[str, Any]) -> str:
+    shape = record["input_shape"]
+    if len(shape) == 2:
+        letters = ["N", "D"]
+    elif len(shape) == 3 and record["feature_axis"] == 2:
+        letters = ["N", "L", "C"]
+    elif len(shape) == 3:
+        letters = ["N", "C", "L"]
+    elif len(shape) == 4:
+        letters = ["N", "C", "H", "W"]
+    elif len(shape) == 5:
+        letters = ["N", "C", "D", "H", "W"]
+    else:
+        letters = [f"d{i}" for i in range(len(shape))]
+    return ",".join(letters[axis] for axis in record["reduced_axes"])
+
+
+def _summary(values: list[float] | None) -> str:
+    if values is None:
+        return "-"
+    array = np.asarray(values)
+    return f"{array.mean():+.3f} [{array.min():+.2f},{array.max():+.2f}]"
+
+
+def format_table(records: Sequence[dict[str, Any]]) -> str:
+    """The explain records as a fixed-width text table (one row per BN layer)."""
+    header = [
+        "layer",
+        "kind",
+        "input shape",
+        "axis",
+        "reduced",
+        "stats",
+        "values/stat",
+        "gamma,beta",
+        "batch mean: avg [min,max]",
+        "batch var: avg [min,max]",
+    ]
+    rows = [header]
+    for record in records:
+        shape = "x".join(str(size) for size in record["input_shape"])
+        reduced = _axes_names(record)
+        rows.append(
+            [
+                record["name"],
+                record["kind"],
+                f"({shape})",
+                str(record["feature_axis"]),
+                reduced,
+                f"{record['num_features']}+{record['num_features']}",
+                f"{record['values_per_statistic']} = {reduced.replace(',', '*')}",
+                f"({record['num_features']},)" if record["param_shape"] else "none",
+                _summary(record["batch_mean"]),
+                _summary(record["batch_var"]),
+            ]
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
+    lines.insert(1, "  ".join("-" * width for width in widths))
+    return "\n".join(lines)
+
+
+def explain_unit(
+    model: nn.Module,
+    example_input: Tensor,
+    layer: str,
+    unit: int,
+    input_standardization: tuple[Tensor, Tensor] | None = None,
+    raw_input: Tensor | None = None,
+) -> dict[str, Any]:
+    """One statistic of one BN layer, computed step by step from the layer's real input.
+
+    Returns a dict with the ``values`` (all ``m`` of them) feeding feature
+    ``unit`` of layer ``layer``, their ``mean``, biased ``variance``, ``eps``,
+    ``inv_std``, the ``normalized`` values, ``gamma``, ``beta`` and the
+    ``output`` values, plus ``layer_output`` (what the layer itself returned,
+    for comparison). With ``input_standardization`` = (per-pixel mean, std of
+    the raw training set) and the ``raw_input`` batch, it also reports how
+    the most variable pixel is standardized, for contrast.
+
+    Raises:
+        ValueError: unknown layer name, a layer that is not BN, or a unit out of range.
+    """
+    modules = dict(model.named_modules())
+    if layer not in modules:
+        bn_names = [name for name, module in modules.items() if is_batch_norm(module)]
+        raise ValueError(f"no layer named {layer!r}; BN layers are: {', '.join(bn_names) or 'none'}")
+    module = modules[layer]
+    if not is_batch_norm(module):
+        raise ValueError(f"layer {layer!r} is a {type(module).__name__}, not a batch-norm layer")
+    captured: dict[str, Tensor] = {}
+
+    def hook(_: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
+        captured["input"] = inputs[0].detach()
+        captured["output"] = output.detach()
+
+    buffers, modes = _snapshot(model)
+    handle = module.register_forward_hook(hook)
+    try:
+        model.train()
+        with torch.no_grad():
+            model(example_input)
+    finally:
+        handle.remove()
+        _restore(model, buffers, modes)
+    x = captured["input"]
+    feature = _feature_axis(module, x.dim())
+    if not 0 <= unit < x.shape[feature]:
+        raise ValueError(
+            f"unit {unit} is out of range: layer {layer!r} has {x.shape[feature]} features (0..{x.shape[feature] - 1})"
+        )
+    values = x.select(feature, unit).double().flatten()
+    m = values.numel()
+    mean = values.sum() / m
+    variance = ((values - mean) ** 2).sum() / m
+    eps = float(getattr(module, "eps", 1e-5))
+    inv_std = 1.0 / math.sqrt(float(variance) + eps)
+    normalized = (values - mean) * inv_std
+    weight = getattr(module, "weight", None)
+    bias = getattr(module, "bias", None)
+    gamma = float(weight.detach()[unit]) if weight is not None else 1.0
+    beta = float(bias.detach()[unit]) if bias is not None else 0.0
+    result: dict[str, Any] = {
+        "layer": layer,
+        "unit": unit,
+        "input_shape": list(x.shape),
+        "feature_axis": feature,
+        "values_per_statistic": m,
+        "values": values.tolist(),
+        "mean": float(mean),
+        "variance": float(variance),
+        "unbiased_variance": float(variance) * m / (m - 1) if m > 1 else float("nan"),
+        "eps": eps,
+        "inv_std": inv_std,
+        "normalized": normalized.tolist(),
+        "gamma": gamma,
+        "beta": beta,
+        "output": (gamma * normalized + beta).tolist(),
+        "layer_output": captured["output"].select(feature, unit).double().flatten().tolist(),
+    }
+    if input_standardization is not None and raw_input is not None:
+        pixel_mean, pixel_std = (t.flatten() for t in input_standardization)
+        raw = raw_input.flatten(1)
+        pixel = int(pixel_std.argmax())  # the most variable pixel: a border pixel is always 0
+        result["input_standardization"] = {
+            "pixel": pixel,
+            "training_mean": float(pixel_mean[pixel]),
+            "training_std": float(pixel_std[pixel]),
+            "batch_values": raw[:, pixel].double().tolist(),
+            "standardized": ((raw[:, pixel].double() - float(pixel_mean[pixel])) / float(pixel_std[pixel])).tolist(),
+        }
+    return result
+
+
+def _short(values: list[float], count: int = 8) -> str:
+    shown = ", ".join(f"{v:+.4f}" for v in values[:count])
+    return f"[{shown}{', ...' if len(values) > count else ''}] ({len(values)} values)"
+
+
+def format_unit(result: dict[str, Any]) -> str:
+    """Human-readable step-by-step text for :func:`explain_unit`'s result."""
+    shape = result["input_shape"]
+    m = result["values_per_statistic"]
+    lines = [
+        f"layer {result['layer']}, feature {result['unit']}: input shape {tuple(shape)}, feature axis "
+        f"{result['feature_axis']}",
+        f"1. the values: every entry with index {result['unit']} on axis {result['feature_axis']}: m = {m} values",
+        f"   x = {_short(result['values'])}",
+        f"2. mean     mu = sum(x) / m = {result['mean']:+.6f}",
+        f"3. variance var = sum((x - mu)^2) / m = {result['variance']:.6f}  (biased; the running estimate "
+        f"gets var * m/(m-1) = {result['unbiased_variance']:.6f})",
+        f"4. normalize x_hat = (x - mu) / sqrt(var + eps), eps = {result['eps']:g}, 1/sqrt(var+eps) = "
+        f"{result['inv_std']:.6f}",
+        f"   x_hat = {_short(result['normalized'])}",
+        f"5. scale and shift y = gamma * x_hat + beta, gamma = {result['gamma']:+.6f}, beta = {result['beta']:+.6f}",
+        f"   y = {_short(result['output'])}",
+        f"   (the layer itself returned {_short(result['layer_output'])})",
+    ]
+    standardization = result.get("input_standardization")
+    if standardization is not None:
+        lines += [
+            "",
+            "Contrast: input standardization (not BN) of raw pixel "
+            f"{standardization['pixel']} uses fixed statistics of the raw training set,",
+            f"   mean {standardization['training_mean']:.4f} and std {standardization['training_std']:.4f}, "
+            "computed once before training and never updated;",
+            f"   this batch's pixel values {_short(standardization['batch_values'])}",
+            f"   become {_short(standardization['standardized'])}.",
+            "   BN instead recomputes mu and var from every mini-batch of this layer's own activations, which",
+            "   change as the weights below it learn, and then learns gamma and beta on top.",
+        ]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    from batchnorm.cli import positive_int
+    from batchnorm.training import TrainConfig, add_data_arguments, add_model_arguments
+
+    defaults = TrainConfig()
+    parser.description = (
+        "For every BN layer of a network, on a real batch of digits: the layer's input shape, the feature axis, "
+        "the axes reduced, how many values feed each mean and variance, the shapes of gamma and beta, and the "
+        "numbers. With --layer/--unit, one statistic computed step by step. The model's running statistics "
+        "and mode are left unchanged."
+    )
+    add_model_arguments(parser, defaults)
+    add_data_arguments(parser, defaults)
+    parser.add_argument("--checkpoint", default=None, metavar="CKPT", help="explain a trained model from `train`")
+    parser.add_argument("--batch-size", type=positive_int, default=60, help="examples in the batch (default 60)")
+    parser.add_argument("--seed", type=int, default=0, help="seed for the init and the batch")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument("--layer", default=None, help="a BN layer name (e.g. bn2) for the step-by-step view")
+    parser.add_argument("--unit", type=int, default=None, help="the feature index within --layer")
+    parser.add_argument("--eval", action="store_true", help="run in eval mode (normalize with running statistics)")
+
+
+def prepare(args: argparse.Namespace) -> tuple[nn.Module, Tensor, Tensor, tuple[Tensor, Tensor]]:
+    """Model, normalized batch, raw batch and the raw training set's per-pixel (mean, std)."""
+    from batchnorm.data import InputNormalizer, load_dataset
+    from batchnorm.models import build_model
+    from batchnorm.training import TrainConfig, check_same_model, model_from_checkpoint, requested_model
+
+    defaults = TrainConfig()
+    if args.checkpoint is not None:
+        model, config, normalizer, _ = model_from_checkpoint(args.checkpoint)
+        check_same_model(requested_model(args), config, args.checkpoint)
+        data_name, data_dir = config.data, config.data_dir
+    else:
+        config = None
+        data_name, data_dir = args.data, args.data_dir
+    dataset = load_dataset(data_name, data_dir, download=getattr(args, "download", False), seed=args.seed)
+    if config is None:
+        torch.manual_seed(args.seed)
+        model = build_model(
+            args.model or defaults.model,
+            args.act or defaults.act,
+            args.norm or defaults.norm,
+            args.placement or defaults.placement,
+            args.init,
+            image_size=dataset.image_size,
+            seed=args.seed,
+        )
+        normalizer = InputNormalizer.fit(args.input_norm, dataset.train_images)
+    if args.batch_size > len(dataset.train_images):
+        raise ValueError(f"--batch-size {args.batch_size} exceeds the {len(dataset.train_images)} training images")
+    generator = torch.Generator().manual_seed(args.seed)
+    indices = torch.randperm(len(dataset.train_images), generator=generator)[: args.batch_size]
+    raw = dataset.train_images[indices]
+    std, mean = torch.std_mean(dataset.train_images, dim=0)
+    return model, normalizer(raw), raw, (mean, std)
+
+
+def run(args: argparse.Namespace) -> int:
+    model, batch, raw, pixel_stats = prepare(args)
+    if (args.layer is None) != (args.unit is None):
+        raise ValueError("--layer and --unit go together (e.g. --layer bn2 --unit 0)")
+    if args.layer is not None:
+        result = explain_unit(model, batch, args.layer, args.unit, pixel_stats, raw)
+        print(json.dumps(result) if args.json else format_unit(result))
+        return 0
+    try:
+        records = explain(model, batch, mode="eval" if args.eval else "train")
+    except RuntimeError as error:
+        raise ValueError(f"the model cannot run on this data: {str(error).splitlines()[0]}") from None
+    if args.json:
+        json.dump(records, sys.stdout)
+        sys.stdout.write("\n")
+    else:
+        print(f"{len(records)} BN layer(s) on a batch of shape {tuple(batch.shape)}:")
+        print(format_table(records))
+        print(
+            "Each BN layer owns one mean, one variance, one gamma and one beta per feature of its own input; the "
+            "statistic of a feature pools every value of that feature over the reduced axes (the batch and, for "
+            "conv layers, every spatial position), so layer widths never need to match."
+        )
+    return 0

@@ -1,0 +1,215 @@
+"""Figures and a self-contained ``report.html`` (the only module that imports matplotlib).
+
+:func:`write_report` turns the ``results.json`` of ``compare`` into PNG
+figures and one HTML page with the images embedded (base64), so the page can
+be mailed or opened offline. ``batchnorm report RUN_DIR`` rebuilds both from
+the folder's ``results.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import html
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+__all__ = ["write_report"]
+
+LABELS = {"no_bn": "without BN", "bn": "with BN"}
+COLORS = {"no_bn": "#d62728", "bn": "#1f77b4"}
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _finite(values: list[Any]) -> list[float]:
+    return [float(v) if v is not None and math.isfinite(float(v)) else math.nan for v in values]
+
+
+def _accuracy_figure(results: dict[str, Any], path: Path) -> None:
+    plt = _pyplot()
+    figure, axis = plt.subplots(figsize=(6, 4))
+    for label in ("no_bn", "bn"):
+        run = results["runs"].get(label, {})
+        if run.get("steps"):
+            axis.plot(run["steps"], run["test_accuracy"], label=LABELS[label], color=COLORS[label])
+    axis.set_xlabel("training step")
+    axis.set_ylabel("test accuracy")
+    axis.set_title("(a) test accuracy")
+    axis.set_ylim(0, 1)
+    axis.grid(alpha=0.3)
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def _percentile_figure(results: dict[str, Any], path: Path) -> None:
+    plt = _pyplot()
+    figure, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    for axis, label, letter in zip(axes, ("no_bn", "bn"), ("b", "c")):
+        run = results["runs"].get(label, {})
+        steps = run.get("percentile_steps", [])
+        for percentile, style in (("15", ":"), ("50", "-"), ("85", "--")):
+            values = run.get("percentiles", {}).get(percentile, [])
+            if steps and values:
+                axis.plot(steps, values, style, color=COLORS[label], label=f"{percentile}th")
+        unit = run.get("percentile_unit", {})
+        axis.set_title(f"({letter}) {LABELS[label]}: input to sigmoid {unit.get('layer', '')}[{unit.get('unit', 0)}]")
+        axis.set_xlabel("training step")
+        axis.grid(alpha=0.3)
+        axis.legend()
+    axes[0].set_ylabel("15th / 50th / 85th percentile")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def _layer_figure(results: dict[str, Any], path: Path) -> None:
+    plt = _pyplot()
+    panels = (
+        ("std", "activation std", False),
+        ("saturated_pct", "% saturated", False),
+        ("grad_std", "gradient std", True),
+    )
+    figure, axes = plt.subplots(2, 3, figsize=(13, 7), sharex=True)
+    for row, label in enumerate(("no_bn", "bn")):
+        run = results["runs"].get(label, {})
+        steps = run.get("layer_steps", [])
+        layers = run.get("layers", {})
+        for column, (key, title, log) in enumerate(panels):
+            axis = axes[row][column]
+            for name, stats in layers.items():
+                values = _finite(stats.get(key, []))
+                if steps and values:
+                    axis.plot(steps, values, label=name)
+            if log:
+                axis.set_yscale("log")
+            axis.set_title(f"{LABELS[label]}: {title}")
+            axis.grid(alpha=0.3)
+            if row == 1:
+                axis.set_xlabel("training step")
+            if column == 0:
+                axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def _embed(path: Path) -> str:
+    data = base64.b64encode(path.read_bytes()).decode("ascii")
+    return f'<img alt="{html.escape(path.stem)}" src="data:image/png;base64,{data}">'
+
+
+def _table(rows: list[list[str]]) -> str:
+    head = "".join(f"<th>{html.escape(cell)}</th>" for cell in rows[0])
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(cell)}</td>" for cell in row) + "</tr>" for row in rows[1:])
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _explain_rows(records: list[dict[str, Any]]) -> list[list[str]]:
+    rows = [["layer", "kind", "input shape", "feature axis", "reduced axes", "values per statistic", "gamma, beta"]]
+    for record in records:
+        rows.append(
+            [
+                record["name"],
+                record["kind"],
+                "x".join(str(s) for s in record["input_shape"]),
+                str(record["feature_axis"]),
+                ", ".join(str(a) for a in record["reduced_axes"]),
+                str(record["values_per_statistic"]),
+                f"({record['num_features']},)" if record.get("param_shape") else "none",
+            ]
+        )
+    return rows
+
+
+def write_report(out_dir: str | Path, results: dict[str, Any], extra_sections: list[str] | None = None) -> Path:
+    """Write ``accuracy.png``, ``percentiles.png``, ``layers.png`` and ``report.html`` into ``out_dir``."""
+    from batchnorm.experiments import format_summary
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    figures = {
+        "accuracy": (_accuracy_figure, "Test accuracy over training (the paper's Figure 1a)."),
+        "percentiles": (
+            _percentile_figure,
+            "15th, 50th and 85th percentiles of the input to one sigmoid of the last hidden layer, over a fixed "
+            "probe set of 1,000 test images in training-mode mini-batches (Figure 1b, c).",
+        ),
+        "layers": (
+            _layer_figure,
+            "Per hidden layer over training: activation std, percent of saturated units, and the std of the "
+            "gradient reaching the layer (log scale).",
+        ),
+    }
+    sections = []
+    for name, (draw, caption) in figures.items():
+        path = out / f"{name}.png"
+        draw(results, path)
+        sections.append(f"<figure>{_embed(path)}<figcaption>{html.escape(caption)}</figcaption></figure>")
+    config = results.get("config", {})
+    summary_text = format_summary(results) if "summary" in results else ""
+    explain_html = _table(_explain_rows(results["explain"])) if results.get("explain") else ""
+    page = f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>batchnorm: with and without batch normalization</title>
+<style>
+body {{ font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto; color: #222; }}
+img {{ max-width: 100%; }} figure {{ margin: 1.5em 0; }} figcaption {{ color: #555; }}
+table {{ border-collapse: collapse; }} td, th {{ border: 1px solid #ccc; padding: 0.25em 0.6em; }}
+pre {{ background: #f6f6f6; padding: 1em; overflow-x: auto; }}
+</style></head><body>
+<h1>Batch normalization in a deep network</h1>
+<p>The same network ({html.escape(str(config.get("model", "")))}, {html.escape(str(config.get("act", "")))}) trained
+from the same init ({html.escape(str(config.get("init", "")))}), seed and mini-batches of
+{html.escape(str(config.get("batch_size", "")))}, with a BN layer before each nonlinearity and without.
+Data: {html.escape(str(results.get("dataset", "")))}. SGD, learning rate {html.escape(str(config.get("lr", "")))},
+momentum {html.escape(str(config.get("momentum", "")))}, {html.escape(str(config.get("steps", "")))} steps.</p>
+<h2>Results</h2><pre>{html.escape(summary_text)}</pre>
+<h2>What each BN layer computes</h2>
+<p>Each BN layer has one mean, one variance, one gamma and one beta per feature of its <em>own</em> input;
+a statistic pools every value of its feature over the reduced axes.</p>
+{explain_html}
+<h2>Figures</h2>
+{"".join(sections)}
+{"".join(extra_sections or [])}
+<h2>Definitions</h2>
+<pre>{html.escape(json.dumps(results.get("definitions", {}), indent=2))}</pre>
+<h2>Configuration</h2><pre>{html.escape(json.dumps(config, indent=2))}</pre>
+</body></html>
+"""
+    path = out / "report.html"
+    path.write_text(page, encoding="utf-8")
+    return path
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    parser.description = "Rebuild the figures and report.html of a `compare` run from its results.json."
+    parser.add_argument("run_dir", help="a folder written by `batchnorm compare`")
+
+
+def run(args: argparse.Namespace) -> int:
+    folder = Path(args.run_dir)
+    path = folder / "results.json"
+    if not path.is_file():
+        raise ValueError(f"{path} does not exist: expected a folder written by `batchnorm compare`")
+    try:
+        results = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is not valid JSON ({error})") from None
+    if not isinstance(results, dict) or "runs" not in results:
+        raise ValueError(f"{path} is not a compare results file (no 'runs')")
+    print(f"wrote {write_report(folder, results)}")
+    return 0
