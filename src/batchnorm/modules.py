@@ -54,6 +54,8 @@ class BatchNorm(nn.Module):
         axis: the feature axis. Default: 1 (torch's layout); use -1 for
             ``(N, L, C)`` sequences.
         nonfinite: ``"raise"`` or ``"skip"``, see above. Default: ``"raise"``.
+        bias: with ``affine``, also learn ``beta`` (keyword-only, as in
+            torch 2.13). Default: True.
 
     Shape:
         - Input: ``(*, C, *)`` with ``C`` at ``axis``.
@@ -74,6 +76,8 @@ class BatchNorm(nn.Module):
         nonfinite: NonfinitePolicy = "raise",
         device: Any = None,
         dtype: Any = None,
+        *,
+        bias: bool = True,
     ) -> None:
         super().__init__()
         if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
@@ -98,7 +102,10 @@ class BatchNorm(nn.Module):
         self.bias: nn.Parameter | None
         if affine:
             self.weight = nn.Parameter(torch.empty(num_features, **factory))
-            self.bias = nn.Parameter(torch.empty(num_features, **factory))
+            if bias:
+                self.bias = nn.Parameter(torch.empty(num_features, **factory))
+            else:
+                self.register_parameter("bias", None)
         else:
             self.register_parameter("weight", None)
             self.register_parameter("bias", None)
@@ -133,9 +140,9 @@ class BatchNorm(nn.Module):
         self.reset_running_stats()
         if self.affine:
             assert self.weight is not None
-            assert self.bias is not None
             nn.init.ones_(self.weight)
-            nn.init.zeros_(self.bias)
+            if self.bias is not None:
+                nn.init.zeros_(self.bias)
 
     def _check_input_dim(self, input: Tensor) -> None:
         if self._allowed_ranks is not None and input.dim() not in self._allowed_ranks:
@@ -163,10 +170,10 @@ class BatchNorm(nn.Module):
         return output
 
     def extra_repr(self) -> str:
-        text = (
-            f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
-            f"track_running_stats={self.track_running_stats}"
-        )
+        text = f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
+        if self.affine and self.bias is None:
+            text += "bias=False, "
+        text += f"track_running_stats={self.track_running_stats}"
         if self.axis != 1:
             text += f", axis={self.axis}"
         if self.nonfinite != "raise":
@@ -187,7 +194,9 @@ class BatchNorm(nn.Module):
         version = local_metadata.get("version")
         key = prefix + "num_batches_tracked"
         if (version is None or version < 2) and self.track_running_stats and key not in state_dict:
-            state_dict[key] = torch.tensor(0, dtype=torch.long)
+            current = self.num_batches_tracked
+            keep = current is not None and current.device != torch.device("meta")
+            state_dict[key] = current if keep else torch.tensor(0, dtype=torch.long)
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
@@ -205,6 +214,8 @@ class _FixedAxisBatchNorm(BatchNorm):
         track_running_stats: bool = True,
         device: Any = None,
         dtype: Any = None,
+        *,
+        bias: bool = True,
         nonfinite: NonfinitePolicy = "raise",
     ) -> None:
         super().__init__(
@@ -217,6 +228,7 @@ class _FixedAxisBatchNorm(BatchNorm):
             nonfinite=nonfinite,
             device=device,
             dtype=dtype,
+            bias=bias,
         )
 
 
@@ -296,12 +308,19 @@ def convert(model: nn.Module, to: str = "batchnorm") -> nn.Module:
         if to == "batchnorm" and type(module) in _TORCH_TO_OURS:
             source: Any = module
             replacement: nn.Module = _TORCH_TO_OURS[type(module)](
-                source.num_features, source.eps, source.momentum, source.affine, source.track_running_stats
+                source.num_features,
+                source.eps,
+                source.momentum,
+                source.affine,
+                source.track_running_stats,
+                bias=not source.affine or source.bias is not None,
             )
         elif to == "torch" and type(module) in _OURS_TO_TORCH:
             ours: Any = module
+            # torch < 2.13 has no `bias` argument: pass it only when it matters.
+            options = {"bias": False} if ours.affine and ours.bias is None else {}
             replacement = _OURS_TO_TORCH[type(module)](
-                ours.num_features, ours.eps, ours.momentum, ours.affine, ours.track_running_stats
+                ours.num_features, ours.eps, ours.momentum, ours.affine, ours.track_running_stats, **options
             )
         else:
             for name, child in module.named_children():

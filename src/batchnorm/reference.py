@@ -64,8 +64,9 @@ and :math:`g_i = \partial L / \partial y_i`. Then
 
   The gradient is the upstream gradient with its mean and its projection on
   :math:`\hat x` removed, then scaled by :math:`\gamma s`: BN's output is
-  invariant to shifting and scaling its input, and the gradient is orthogonal
-  to exactly those two directions.
+  invariant to shifting its input, and (as :math:`\epsilon \to 0`) to
+  scaling it, so the gradient has zero sum and, up to a term of order
+  :math:`\epsilon/\sigma^2`, no component along :math:`x - \mu`.
 
 :func:`batch_norm_backward` implements the closed form;
 :func:`batch_norm_backward_stepwise` follows the paper's chain of
