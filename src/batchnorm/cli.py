@@ -21,6 +21,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "explain": ("batchnorm.inspect", "per-layer table: which axes each BN layer reduces, shapes and live numbers"),
     "train": ("batchnorm.training", "one training run from a model spec; checkpoints, resume, divergence guard"),
     "report": ("batchnorm.report", "rebuild report.html from a run folder"),
+    "tune": ("batchnorm.tune", "grid search (Optuna) over lr, momentum, weight decay, ... then the full run"),
 }
 
 THREADS_HELP = (
@@ -105,20 +106,27 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run ``batchnorm`` with ``argv`` (default ``sys.argv[1:]``); return the exit code."""
+    """Run ``batchnorm`` with ``argv`` (default ``sys.argv[1:]``); return the exit code.
+
+    Torch's thread count and denormal flushing are set for the run and put
+    back afterwards, so calling ``main`` in-process leaves no trace.
+    """
+    import torch
+
+    threads_before = torch.get_num_threads()
     try:
         parser = build_parser()
         args = parser.parse_args(argv)
         if args.verb is None:
             parser.print_help()
             return 2
-        import torch
-
         torch.set_num_threads(args.threads if args.threads is not None else _default_threads())
         # Saturated sigmoid networks produce denormals that slow CPU math by orders of magnitude.
         torch.set_flush_denormal(True)
         module = importlib.import_module(VERBS[args.verb][0])
         return int(module.run(args))
+    except SystemExit as exit_request:  # argparse: --help, --version, usage errors
+        return exit_request.code if isinstance(exit_request.code, int) else 2
     except (UsageError, ValueError) as error:
         if os.environ.get("BATCHNORM_DEBUG"):
             raise
@@ -131,3 +139,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         sys.stderr.write("batchnorm: interrupted\n")
         return 130
+    finally:
+        torch.set_num_threads(threads_before)
+        torch.set_flush_denormal(False)

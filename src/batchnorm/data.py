@@ -120,7 +120,7 @@ def _load_digits() -> Dataset:
     from sklearn.datasets import load_digits
 
     bunch = load_digits()
-    return _from_arrays("digits", bunch.data, bunch.target, 8, 0.8, "scikit-learn 8x8 digits (1,437 train / 360 test)")
+    return _from_arrays("digits", bunch.data, bunch.target, 8, 0.8, "scikit-learn 8x8 digits (1,438 train / 359 test)")
 
 
 def _synthetic(seed: int = 0, train_size: int = 600, test_size: int = 200, size: int = 8) -> Dataset:

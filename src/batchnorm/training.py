@@ -301,8 +301,10 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise CheckpointError(f"checkpoint {path} is corrupted or not a torch file ({first_line})") from None
+        # torch's own message suggests weights_only=False, which would run arbitrary code: not repeated here.
+        raise CheckpointError(
+            f"checkpoint {path} is corrupted or not a batchnorm checkpoint ({type(error).__name__})"
+        ) from None
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} is not a batchnorm checkpoint")
     return payload

@@ -1,0 +1,224 @@
+"""The command line: help for every verb, and bad input as one line on stderr with exit code 2."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from batchnorm import __version__
+from batchnorm.cli import VERBS, main
+
+
+@pytest.fixture(autouse=True)
+def _restore_torch_globals() -> Iterator[None]:
+    """``main`` sets torch's thread count and flush-denormal mode for the process; undo both after each test."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_flush_denormal(False)
+    torch.set_num_threads(threads)
+
+
+def run_cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    """``batchnorm.cli.main(argv)``: exit code (also from argparse's SystemExit), stdout, stderr."""
+    try:
+        code = main(argv)
+    except SystemExit as exit_:
+        code = exit_.code if isinstance(exit_.code, int) else 1
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def _words(text: str) -> str:
+    """Help text with line wrapping undone."""
+    return " ".join(text.split())
+
+
+# --------------------------------------------------------------------------- help
+
+HELP_MENTIONS = {
+    "train": [
+        "--model", "--act", "--norm", "--placement", "--init", "normal:STD", "kaiming", "xavier",
+        "mlp:784-100-100-100-10", "cnn:1-16-32-10", "--data", "mnist5k", "--data-dir", "--download",
+        "--input-norm", "--lr", "--momentum", "--weight-decay", "--batch-size", "--steps", "--eval-every",
+        "--seed", "--checkpoint-every", "--out", "--resume", "--no-guard", "one CPU thread", "exit code 3",
+    ],
+    "explain": ["--checkpoint", "--layer", "--unit", "--json", "--eval", "--batch-size", "--model", "--data"],
+    "compare": ["--out", "--steps", "--model", "--init", "--lr", "--data", "50000", "report.html"],
+    "report": ["run_dir", "report.html"],
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("verb", sorted(VERBS))
+def test_verb_help_exits_0_and_mentions_its_options(verb: str, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run_cli([verb, "--help"], capsys)
+    assert code == 0, err
+    text = _words(out)
+    assert text.startswith(f"usage: batchnorm {verb}")
+    for mention in ["--threads", *HELP_MENTIONS.get(verb, [])]:
+        assert mention in text, f"{verb} --help does not mention {mention!r}"
+
+
+def test_top_level_help_lists_the_verbs(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run_cli(["--help"], capsys)
+    assert code == 0
+    for verb in VERBS:
+        assert verb in out
+    code, out, _ = run_cli(["--version"], capsys)
+    assert code == 0
+    assert __version__ in out
+
+
+def test_no_verb_prints_help_and_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run_cli([], capsys)
+    assert code == 2
+    assert "compare" in out
+
+
+def test_python_dash_m_batchnorm_help() -> None:
+    completed = subprocess.run(
+        [sys.executable, "-m", "batchnorm", "--help"], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert completed.returncode == 0, completed.stderr
+    assert "usage: batchnorm" in completed.stdout
+    for verb in VERBS:
+        assert verb in completed.stdout
+
+
+# --------------------------------------------------------------------------- bad input
+
+SYNTHETIC = ["--data", "synthetic", "--model", "mlp:64-16-10", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("cli-checkpoint")
+    assert main(["train", *SYNTHETIC, "--steps", "10", "--eval-every", "5", "--out", str(out)]) == 0
+    return out / "checkpoint.pt"
+
+
+@pytest.fixture(scope="module")
+def corrupted(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("corrupted") / "checkpoint.pt"
+    path.write_bytes(
+        torch.randint(0, 256, (4096,), generator=torch.Generator().manual_seed(0)).byte().numpy().tobytes()
+    )
+    return path
+
+
+def _bad_inputs(out: str, checkpoint: str, corrupted: str) -> list[tuple[list[str], str]]:
+    return [
+        (["train", "--model", "resnet:1-2", "--out", out], "unknown model spec 'resnet:1-2'"),
+        (["train", "--data", "synthetic", "--model", "mlp:64-0-10", "--out", out], "widths must be positive, got 0"),
+        (["train", "--data", "synthetic", "--model", "mlp:64-x-10", "--out", out], "width 'x' is not an integer"),
+        (["train", "--data", "imagenet", "--out", out], "argument --data: invalid choice: 'imagenet'"),
+        (
+            ["train", "--data", "mnist", "--data-dir", "/nonexistent/mnist", "--out", out],
+            "/nonexistent/mnist does not exist",
+        ),
+        (["train", "--data", "mnist", "--out", out], "needs --data-dir"),
+        (["train", "--lr", "-1", "--out", out], "argument --lr"),
+        (["train", "--lr=-0.5", "--out", out], "argument --lr"),
+        (["train", "--lr", "0", "--out", out], "argument --lr: expected a number > 0"),
+        (["train", "--lr", "nan", "--out", out], "argument --lr"),
+        (["train", "--steps", "abc", "--out", out], "argument --steps: expected a positive integer, got 'abc'"),
+        (["train", "--steps", "0", "--out", out], "argument --steps"),
+        (["train", "--steps", "1.5", "--out", out], "argument --steps"),
+        (["train", "--batch-size", "-3", "--out", out], "argument --batch-size"),
+        (["train", "--momentum", "-0.1", "--out", out], "argument --momentum"),
+        (["train", "--init", "normal:zero", "--out", out], "init 'normal:zero'"),
+        (["train", "--act", "gelu", "--out", out], "argument --act: invalid choice"),
+        (["train", *SYNTHETIC, "--model", "mlp:784-10", "--out", out], "expects 784 input values"),
+        (["train", *SYNTHETIC, "--batch-size", "1000", "--out", out], "larger than the training split"),
+        (["train", "--resume", corrupted, "--out", out], "is corrupted or not a batchnorm checkpoint"),
+        (["train", "--resume", "/nonexistent/checkpoint.pt", "--out", out], "does not exist"),
+        (["train", "--resume", checkpoint, "--model", "mlp:64-32-10", "--out", out], "is of another model"),
+        (["train", "--resume", checkpoint, "--norm", "none", "--out", out], "norm batch (requested none)"),
+        (["explain", "--checkpoint", corrupted], "is corrupted or not a batchnorm checkpoint"),
+        (["explain", "--checkpoint", "/nonexistent/checkpoint.pt"], "does not exist"),
+        (["explain", "--checkpoint", checkpoint, "--act", "relu"], "is of another model"),
+        (["explain", "--model", "cnn:1-0-10", "--data", "synthetic"], "widths must be positive"),
+        (["explain", "--data", "mnist", "--data-dir", "/nonexistent/mnist"], "does not exist"),
+        (["explain", "--data", "synthetic"], "the model cannot run on this data"),
+        (["compare", "--model", "mlp:784-100--10", "--out", out], "is not an integer"),
+        (["compare", "--lr", "-1", "--out", out], "argument --lr"),
+        (["compare", "--data", "mnist", "--data-dir", "/nonexistent/mnist", "--out", out], "does not exist"),
+        (["train", "--threads", "0", "--out", out], "argument --threads"),
+        (["frobnicate"], "invalid choice: 'frobnicate'"),
+    ]
+
+
+BAD_INPUT_IDS = [
+    "unknown-spec", "zero-width", "non-integer-width", "unknown-dataset", "missing-data-folder", "mnist-without-dir",
+    "negative-lr", "negative-lr-equals", "zero-lr", "nan-lr", "non-numeric-steps", "zero-steps", "float-steps",
+    "negative-batch", "negative-momentum", "bad-init", "unknown-act", "spec-does-not-fit-data", "batch-too-large",
+    "resume-corrupted", "resume-missing", "resume-other-model", "resume-other-norm", "explain-corrupted",
+    "explain-missing", "explain-other-model", "explain-zero-width", "explain-missing-data-folder",
+    "explain-spec-does-not-fit", "compare-bad-spec", "compare-negative-lr", "compare-missing-data-folder",
+    "zero-threads", "unknown-verb",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("index", range(len(BAD_INPUT_IDS)), ids=BAD_INPUT_IDS)
+def test_bad_input_is_one_line_on_stderr_with_exit_code_2(
+    index: int, tmp_path: Path, checkpoint: Path, corrupted: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cases = _bad_inputs(str(tmp_path / "out"), str(checkpoint), str(corrupted))
+    assert len(cases) == len(BAD_INPUT_IDS)
+    argv, message = cases[index]
+    code, out, err = run_cli(argv, capsys)
+    assert code == 2, (out, err)
+    assert "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1, err
+    assert message in err
+    assert err.startswith("batchnorm")
+
+
+def test_bad_threads_environment_variable(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("BATCHNORM_THREADS", "many")
+    code, _, err = run_cli(["explain", "--data", "synthetic", "--model", "mlp:64-8-10", "--json"], capsys)
+    assert code == 2
+    assert len(err.strip().splitlines()) == 1, err
+    assert "BATCHNORM_THREADS must be a positive integer, got 'many'" in err
+
+
+def test_bad_resume_leaves_the_checkpoint_untouched(
+    checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    before = checkpoint.read_bytes()
+    code, _, _ = run_cli(
+        ["train", "--resume", str(checkpoint), "--model", "mlp:64-32-10", "--out", str(tmp_path)], capsys
+    )
+    assert code == 2
+    assert checkpoint.read_bytes() == before
+    assert not (tmp_path / "checkpoint.pt").exists()
+
+
+def test_train_on_tiny_idx_files(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Full-MNIST code path end to end, on eight 28x28 images written here."""
+    import gzip
+    import struct
+
+    import numpy as np
+
+    rng = np.random.default_rng(1)
+    folder = tmp_path / "mnist"
+    folder.mkdir()
+    for stem, shape in (
+        ("train-images-idx3-ubyte", (8, 28, 28)),
+        ("train-labels-idx1-ubyte", (8,)),
+        ("t10k-images-idx3-ubyte", (4, 28, 28)),
+        ("t10k-labels-idx1-ubyte", (4,)),
+    ):
+        values = rng.integers(0, 10 if len(shape) == 1 else 256, shape, dtype=np.uint8)
+        header = struct.pack(">HBB", 0, 0x08, len(shape)) + struct.pack(f">{len(shape)}I", *shape)
+        with gzip.open(folder / f"{stem}.gz", "wb") as handle:
+            handle.write(header + values.tobytes())
+    argv = ["train", "--data", "mnist", "--data-dir", str(folder), "--model", "mlp:784-16-10", "--batch-size", "4"]
+    code, out, err = run_cli([*argv, "--steps", "3", "--out", str(tmp_path / "run"), "--no-progress"], capsys)
+    assert code == 0, err
+    assert "done: 3 steps" in out

@@ -1,0 +1,455 @@
+"""Training: learning, metrics, checkpoints, exact resume (also after SIGKILL) and the divergence guard.
+
+Numbers a run reports are checked against a float64 NumPy forward pass of
+the checkpointed weights; resume is checked bit for bit (``torch.equal``)
+against an uninterrupted run with the same seed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from batchnorm.cli import main
+from batchnorm.data import load_dataset
+from batchnorm.models import build_model
+from batchnorm.training import (
+    CheckpointError,
+    DivergenceError,
+    DivergenceGuard,
+    TrainConfig,
+    load_checkpoint,
+    model_from_checkpoint,
+    train,
+)
+
+SMALL = TrainConfig(
+    model="mlp:64-32-32-10",
+    act="sigmoid",
+    norm="batch",
+    placement="before",
+    init="default",
+    data="synthetic",
+    input_norm="standardize",
+    lr=0.1,
+    momentum=0.9,
+    weight_decay=1e-4,
+    batch_size=30,
+    steps=200,
+    eval_every=50,
+    checkpoint_every=100,
+    seed=0,
+)
+
+
+@pytest.fixture(autouse=True)
+def _restore_torch_globals() -> Iterator[None]:
+    """``main`` sets torch's thread count and flush-denormal mode for the process; undo both after each test."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_flush_denormal(False)
+    torch.set_num_threads(threads)
+
+
+def run_cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    """``batchnorm.cli.main(argv)``: exit code (also from argparse's SystemExit), stdout, stderr."""
+    try:
+        code = main(argv)
+    except SystemExit as exit_:
+        code = exit_.code if isinstance(exit_.code, int) else 1
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def _metrics(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def _state(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, map_location="cpu", weights_only=True)["model"]
+
+
+def _assert_equal_states(first: dict[str, torch.Tensor], second: dict[str, torch.Tensor]) -> None:
+    assert first.keys() == second.keys()
+    for name in first:
+        assert torch.equal(first[name], second[name]), f"{name} differs"
+
+
+def _sigmoid(z: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-z))
+
+
+def _numpy_forward(state: dict[str, torch.Tensor], x: np.ndarray, hidden_layers: int, eps: float = 1e-5) -> np.ndarray:
+    """Eval-mode ``Linear (no bias) -> BN (running stats) -> sigmoid`` blocks and a Linear classifier, in float64."""
+
+    def array(name: str) -> np.ndarray:
+        return state[name].double().numpy()
+
+    h = x.reshape(len(x), -1)
+    for index in range(1, hidden_layers + 1):
+        z = h @ array(f"fc{index}.weight").T
+        mean, var = array(f"bn{index}.running_mean"), array(f"bn{index}.running_var")
+        z = (z - mean) / np.sqrt(var + eps) * array(f"bn{index}.weight") + array(f"bn{index}.bias")
+        h = _sigmoid(z)
+    return h @ array("out.weight").T + array("out.bias")
+
+
+# --------------------------------------------------------------------------- a short run
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("small-run")
+    torch.set_num_threads(1)
+    train(SMALL, out, progress=False)
+    return out
+
+
+def test_short_run_learns_well_above_chance(small_run: Path) -> None:
+    lines = _metrics(small_run / "metrics.jsonl")
+    assert lines[-1]["test_accuracy"] > 0.8  # chance is 0.1
+    assert lines[-1]["train_loss"] < lines[0]["train_loss"] < math.log(10) + 0.5
+
+
+def test_metrics_jsonl_has_one_line_per_evaluation(small_run: Path) -> None:
+    lines = _metrics(small_run / "metrics.jsonl")
+    assert [line["step"] for line in lines] == [50, 100, 150, 200]
+    for line in lines:
+        assert set(line) >= {"step", "train_loss", "test_loss", "test_accuracy", "steps_per_s"}
+        assert 0.0 <= line["test_accuracy"] <= 1.0
+        assert math.isfinite(line["train_loss"])
+        assert line["steps_per_s"] > 0
+
+
+def test_checkpoint_loads_with_weights_only_and_reproduces_the_reported_metrics(small_run: Path) -> None:
+    payload = torch.load(small_run / "checkpoint.pt", map_location="cpu", weights_only=True)
+    assert payload["step"] == 200
+    assert payload["config"]["model"] == "mlp:64-32-32-10"
+    assert payload["config"]["seed"] == 0
+    assert payload["image_size"] == 8
+    state = payload["model"]
+    assert int(state["bn1.num_batches_tracked"]) == 200
+
+    # The input normalization is stored with the checkpoint and was fit on the training split.
+    data = load_dataset("synthetic")
+    train_images = data.train_images.double().numpy()
+    normalizer = payload["normalizer"]
+    assert normalizer["kind"] == "standardize"
+    np.testing.assert_allclose(normalizer["shift"].double().numpy(), train_images.mean(axis=0), atol=1e-6)
+
+    # Float64 NumPy forward of the stored weights gives the run's last reported test loss and accuracy.
+    test_images = data.test_images.double().numpy()
+    x = (test_images - normalizer["shift"].double().numpy()) / normalizer["scale"].double().numpy()
+    logits = _numpy_forward(state, x, hidden_layers=2)
+    labels = data.test_labels.numpy()
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    log_probabilities = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+    loss = -log_probabilities[np.arange(len(labels)), labels].mean()
+    accuracy = (logits.argmax(axis=1) == labels).mean()
+    last = _metrics(small_run / "metrics.jsonl")[-1]
+    assert last["test_loss"] == pytest.approx(loss, rel=1e-4)
+    assert last["test_accuracy"] == pytest.approx(accuracy, abs=1 / len(labels))
+
+
+def test_model_from_checkpoint_rebuilds_the_trained_model_in_eval_mode(small_run: Path) -> None:
+    model, config, normalizer, payload = model_from_checkpoint(small_run / "checkpoint.pt")
+    assert config.model == SMALL.model
+    assert not model.training
+    _assert_equal_states(model.state_dict(), payload["model"])
+    assert normalizer.kind == "standardize"
+
+
+def test_checkpoint_is_written_atomically_without_leftovers(small_run: Path) -> None:
+    assert sorted(path.name for path in small_run.iterdir()) == ["checkpoint.pt", "metrics.jsonl"]
+
+
+def test_same_seed_gives_bit_identical_runs(tmp_path: Path) -> None:
+    config = dataclasses.replace(SMALL, steps=40, eval_every=20)
+    train(config, tmp_path / "a", progress=False)
+    train(config, tmp_path / "b", progress=False)
+    _assert_equal_states(_state(tmp_path / "a" / "checkpoint.pt"), _state(tmp_path / "b" / "checkpoint.pt"))
+    other = train(dataclasses.replace(config, seed=1), tmp_path / "c", progress=False)
+    assert other.model is not None
+    assert not torch.equal(
+        other.model.state_dict()["fc1.weight"], _state(tmp_path / "a" / "checkpoint.pt")["fc1.weight"]
+    )
+
+
+# --------------------------------------------------------------------------- exact resume
+
+
+@pytest.mark.parametrize(
+    ("norm", "momentum"),
+    [pytest.param("batch", 0.9, id="bn-momentum"), pytest.param("none", 0.0, id="no-bn-plain-sgd")],
+)
+def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path: Path, norm: str, momentum: float) -> None:
+    config = dataclasses.replace(SMALL, norm=norm, momentum=momentum, steps=120, eval_every=10, checkpoint_every=40)
+    train(config, tmp_path / "whole", progress=False)
+
+    # Stop after 50 steps (not an epoch boundary: 600 examples / 30 = 20 batches per epoch), then resume to 120.
+    train(dataclasses.replace(config, steps=50), tmp_path / "split", progress=False)
+    assert torch.load(tmp_path / "split" / "checkpoint.pt", weights_only=True)["step"] == 50
+    train(
+        dataclasses.replace(config, steps=120),
+        tmp_path / "split",
+        resume=tmp_path / "split" / "checkpoint.pt",
+        progress=False,
+    )
+
+    whole = torch.load(tmp_path / "whole" / "checkpoint.pt", weights_only=True)
+    split = torch.load(tmp_path / "split" / "checkpoint.pt", weights_only=True)
+    assert whole["step"] == split["step"] == 120
+    _assert_equal_states(whole["model"], split["model"])
+    whole_buffers = [state.get("momentum_buffer") for state in whole["optimizer"]["state"].values()]
+    split_buffers = [state.get("momentum_buffer") for state in split["optimizer"]["state"].values()]
+    for first, second in zip(whole_buffers, split_buffers, strict=True):
+        assert (first is None and second is None) or torch.equal(first, second)
+    whole_metrics = _metrics(tmp_path / "whole" / "metrics.jsonl")
+    split_metrics = _metrics(tmp_path / "split" / "metrics.jsonl")
+    assert [m["step"] for m in split_metrics] == [m["step"] for m in whole_metrics]
+    for first, second in zip(whole_metrics, split_metrics):
+        assert first["test_loss"] == second["test_loss"]
+        assert first["test_accuracy"] == second["test_accuracy"]
+        assert first["train_loss"] == pytest.approx(second["train_loss"], rel=1e-12)
+
+
+def _wait_for_metrics_step(path: Path, step: int, process: subprocess.Popen[bytes], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"the run ended (exit {process.returncode}) before it could be killed mid-way")
+        if path.exists():
+            lines = [line for line in path.read_text().splitlines() if line.strip()]
+            if lines and json.loads(lines[-1])["step"] >= step:
+                return
+        time.sleep(0.005)
+    raise AssertionError(f"no evaluation at step {step} within {timeout} s")
+
+
+@pytest.mark.slow
+def test_run_killed_with_sigkill_and_resumed_ends_with_the_weights_of_an_uninterrupted_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    total = 600
+    options = [
+        "--data", "synthetic", "--model", "mlp:64-256-256-10", "--input-norm", "standardize",
+        "--lr", "0.05", "--momentum", "0.9", "--batch-size", "30", "--seed", "3",
+        "--steps", str(total), "--eval-every", "20", "--checkpoint-every", "20", "--no-progress",
+    ]  # fmt: skip
+    killed = tmp_path / "killed"
+    environment = {**os.environ, "BATCHNORM_THREADS": "1"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "batchnorm", "train", *options, "--out", str(killed)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env=environment,
+    )
+    try:
+        _wait_for_metrics_step(killed / "metrics.jsonl", 100, process, timeout=120)
+        process.send_signal(signal.SIGKILL)
+    finally:
+        process.kill()
+        _, stderr = process.communicate()
+    assert process.returncode == -signal.SIGKILL, stderr.decode()
+
+    stopped_at = torch.load(killed / "checkpoint.pt", weights_only=True)["step"]
+    assert 0 < stopped_at < total
+
+    code, out, err = run_cli(
+        ["train", "--resume", str(killed / "checkpoint.pt"), "--out", str(killed), "--no-progress"], capsys
+    )
+    assert code == 0, err
+    assert f"done: {total} steps" in out
+    code, _, err = run_cli(["train", *options, "--out", str(tmp_path / "whole")], capsys)
+    assert code == 0, err
+
+    resumed = torch.load(killed / "checkpoint.pt", weights_only=True)
+    whole = torch.load(tmp_path / "whole" / "checkpoint.pt", weights_only=True)
+    assert resumed["step"] == whole["step"] == total
+    _assert_equal_states(resumed["model"], whole["model"])
+    # Evaluations the killed run logged after its last checkpoint are dropped, not duplicated.
+    resumed_metrics = _metrics(killed / "metrics.jsonl")
+    whole_metrics = _metrics(tmp_path / "whole" / "metrics.jsonl")
+    assert [m["step"] for m in resumed_metrics] == [m["step"] for m in whole_metrics]
+    assert [m["test_accuracy"] for m in resumed_metrics] == [m["test_accuracy"] for m in whole_metrics]
+
+
+def test_resume_keeps_the_checkpoint_config_and_rejects_another_model(tmp_path: Path) -> None:
+    config = dataclasses.replace(SMALL, steps=20, eval_every=10)
+    train(config, tmp_path, progress=False)
+    checkpoint = tmp_path / "checkpoint.pt"
+    with pytest.raises(CheckpointError, match=r"is of another model: model mlp:64-32-32-10 \(requested mlp:64-16-10\)"):
+        train(
+            dataclasses.replace(config, steps=30),
+            tmp_path,
+            resume=checkpoint,
+            requested_model={"model": "mlp:64-16-10"},
+        )
+    with pytest.raises(CheckpointError, match=r"act sigmoid \(requested relu\)"):
+        train(dataclasses.replace(config, steps=30), tmp_path, resume=checkpoint, requested_model={"act": "relu"})
+    # Settings the caller did not ask for explicitly come from the checkpoint.
+    result = train(dataclasses.replace(SMALL, lr=99.0, steps=30), tmp_path, resume=checkpoint, progress=False)
+    assert result.config.lr == SMALL.lr
+    assert result.final_step == 30
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        pytest.param(None, "does not exist", id="missing"),
+        pytest.param(b"\x00garbage" * 100, "corrupted or not a batchnorm checkpoint", id="random-bytes"),
+        pytest.param("not-ours", "is not a batchnorm checkpoint", id="other-torch-file"),
+    ],
+)
+def test_load_checkpoint_rejects_unusable_files(tmp_path: Path, content: bytes | str | None, message: str) -> None:
+    path = tmp_path / "checkpoint.pt"
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    elif content is not None:
+        torch.save({"weights": torch.zeros(3)}, path)
+    with pytest.raises(CheckpointError, match=message):
+        load_checkpoint(path)
+
+
+def test_truncated_checkpoint_is_rejected(small_run: Path, tmp_path: Path) -> None:
+    path = tmp_path / "truncated.pt"
+    data = (small_run / "checkpoint.pt").read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="corrupted"):
+        load_checkpoint(path)
+
+
+# --------------------------------------------------------------------------- divergence guard
+
+
+@pytest.mark.parametrize("checkpoint_every", [1, 1000])
+def test_absurd_learning_rate_without_bn_stops_with_the_guard_and_keeps_the_last_good_checkpoint(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], checkpoint_every: int
+) -> None:
+    code, out, err = run_cli(
+        [
+            "train", "--data", "synthetic", "--model", "mlp:64-32-32-10", "--norm", "none", "--init", "normal:0.1",
+            "--lr", "1e6", "--steps", "200", "--checkpoint-every", str(checkpoint_every),
+            "--out", str(tmp_path), "--no-progress",
+        ],
+        capsys,
+    )  # fmt: skip
+    assert code == 3
+    assert "done:" not in out
+    assert "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1, err
+    match = re.search(r"training diverged at step (\d+): .*last good checkpoint: (.+) \(step (\d+)\)", err)
+    assert match, err
+    diverged_at, path, last_good = int(match[1]), Path(match[2]), int(match[3])
+    assert path == tmp_path / "checkpoint.pt"
+    assert last_good < diverged_at
+
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    assert payload["step"] == last_good
+    assert all(torch.isfinite(tensor).all() for tensor in payload["model"].values())
+    if last_good == 0:
+        # Nothing was learned yet: the kept checkpoint holds the initial weights.
+        initial = build_model("mlp:64-32-32-10", norm="none", init="normal:0.1", image_size=8, seed=0)
+        _assert_equal_states(payload["model"], initial.state_dict())
+    else:
+        assert last_good == diverged_at - 1
+
+
+def test_divergence_in_process_raises_divergence_error(tmp_path: Path) -> None:
+    config = dataclasses.replace(SMALL, norm="none", lr=1e6, steps=50)
+    with pytest.raises(DivergenceError, match="training diverged at step"):
+        train(config, tmp_path, progress=False)
+    assert load_checkpoint(tmp_path / "checkpoint.pt")["step"] == 0
+
+
+def test_guard_trips_on_non_finite_loss_rising_loss_and_exploding_weights() -> None:
+    guard = DivergenceGuard(loss_factor=4.0, norm_factor=100.0)
+    with pytest.raises(DivergenceError, match="the loss is nan"):
+        guard.check_loss(7, float("nan"))
+    with pytest.raises(DivergenceError, match="the loss is inf"):
+        DivergenceGuard().check_loss(1, float("inf"))
+
+    rising = DivergenceGuard(loss_factor=4.0)
+    rising.check_loss(1, 2.0)  # best smoothed loss 2.0: limit 4 * 2 + 1 = 9
+    rising.check_loss(2, 50.0)  # smoothed 0.9 * 2 + 5 = 6.8: still under the limit
+    with pytest.raises(DivergenceError, match=r"step 3: the smoothed loss .* far above its best 2"):
+        rising.check_loss(3, 50.0)  # smoothed 0.9 * 6.8 + 5 = 11.12 > 9
+
+    layer = nn.Linear(10, 10, bias=False)
+    weights = DivergenceGuard(norm_factor=100.0)
+    for step in (10, 20, 30):
+        weights.check_weights(step, layer)
+    with torch.no_grad():
+        layer.weight.mul_(50.0)
+    weights.check_weights(40, layer)  # 50x its median: allowed
+    with torch.no_grad():
+        layer.weight.mul_(10.0)
+    with pytest.raises(DivergenceError, match=r"step 50: the weight norm .* more than 100x its recent median"):
+        weights.check_weights(50, layer)
+    with torch.no_grad():
+        layer.weight.fill_(float("inf"))
+    with pytest.raises(DivergenceError, match="the weight norm is inf"):
+        weights.check_weights(60, layer)
+
+
+def test_guard_state_round_trips() -> None:
+    guard = DivergenceGuard()
+    guard.check_loss(1, 2.0)
+    guard.check_loss(2, 1.0)
+    restored = DivergenceGuard()
+    restored.load_state_dict(guard.state_dict())
+    assert restored.state_dict() == guard.state_dict()
+    assert restored.smoothed == pytest.approx(0.9 * 2.0 + 0.1 * 1.0)
+
+
+# --------------------------------------------------------------------------- settings
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        pytest.param({"lr": -0.1}, "--lr must be a finite number >= 0, got -0.1", id="negative-lr"),
+        pytest.param({"lr": 0.0}, "--lr must be > 0", id="zero-lr"),
+        pytest.param({"lr": float("nan")}, "--lr must be a finite number", id="nan-lr"),
+        pytest.param({"momentum": -1.0}, "--momentum must be", id="negative-momentum"),
+        pytest.param({"steps": 0}, "--steps must be a positive integer, got 0", id="zero-steps"),
+        pytest.param({"batch_size": 1}, "--batch-size must be at least 2 with --norm batch", id="bn-batch-of-one"),
+        pytest.param({"act": "gelu"}, "--act: expected one of sigmoid, tanh, relu, got 'gelu'", id="bad-act"),
+        pytest.param({"data": "cifar"}, "--data: expected one of", id="bad-data"),
+        pytest.param({"model": "mlp:64-0-10"}, "widths must be positive", id="zero-width"),
+        pytest.param({"init": "normal:-1"}, "must be positive", id="bad-init"),
+    ],
+)
+def test_config_validation_messages(change: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(message)):
+        dataclasses.replace(SMALL, **change).validate()
+
+
+def test_spec_that_does_not_fit_the_data_is_rejected(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="expects 784 input values but synthetic images have 64"):
+        train(dataclasses.replace(SMALL, model="mlp:784-32-10"), tmp_path, progress=False)
+    with pytest.raises(ValueError, match="larger than the training split"):
+        train(dataclasses.replace(SMALL, batch_size=601), tmp_path, progress=False)
+
+
+def test_cnn_trains_on_synthetic_images(tmp_path: Path) -> None:
+    config = dataclasses.replace(SMALL, model="cnn:1-8-16-10", act="relu", init="kaiming", steps=30, eval_every=30)
+    result = train(config, tmp_path, progress=False)
+    assert result.steps == [30]
+    assert result.final_accuracy > 0.2
+    assert "bn2.running_var" in _state(tmp_path / "checkpoint.pt")
