@@ -6,11 +6,13 @@ Import as ``import batchnorm as bn``:
 - :func:`batchnorm.functional.batch_norm`: the PyTorch op, any feature axis.
 - :class:`BatchNorm`, :class:`BatchNorm1d`, :class:`BatchNorm2d`,
   :class:`BatchNorm3d`: drop-in modules; :func:`convert` swaps torch's for ours.
+- :class:`BatchNormAct`: BN fused with an activation, saving half the memory for backward.
 - :func:`explain`: what every BN layer of a model computes on a real batch.
 """
 
 from batchnorm import functional, reference
 from batchnorm.functional import NonfiniteBatchError
+from batchnorm.fused import BatchNormAct
 from batchnorm.inspect import explain
 from batchnorm.modules import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d, convert, is_batch_norm
 
@@ -21,6 +23,7 @@ __all__ = [
     "BatchNorm1d",
     "BatchNorm2d",
     "BatchNorm3d",
+    "BatchNormAct",
     "NonfiniteBatchError",
     "__version__",
     "convert",

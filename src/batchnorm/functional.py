@@ -2,9 +2,12 @@ r"""The batch-norm op for PyTorch, with any feature axis.
 
 :func:`batch_norm` takes the same arguments and has the same semantics as
 :func:`torch.nn.functional.batch_norm`, plus ``axis`` (the feature axis), and
-returns the same numbers (float64 agrees to rounding). Its gradient is our
-own closed form (derived in :mod:`batchnorm.reference`) inside a
-:class:`torch.autograd.Function`, and it is twice differentiable.
+returns the same numbers (float64 agrees to rounding). The arithmetic is
+dispatched by :func:`batchnorm.kernels.plan`: our kernels run inside a
+:class:`torch.autograd.Function` whose gradient is our own closed form
+(derived in :mod:`batchnorm.reference`); where PyTorch's kernels are fastest
+(small and feature-last inputs, eval mode), PyTorch's op runs and is
+differentiated by PyTorch. Either way the op is twice differentiable.
 
 Conventions (PyTorch's):
 
@@ -26,6 +29,7 @@ What this op adds to PyTorch's:
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal
 
 import torch
@@ -113,40 +117,66 @@ class _TrainingBatchNorm(torch.autograd.Function):
     """Training-mode BN on a ``(B, C, S)`` view: forward with batch statistics, closed-form backward."""
 
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: Any,
         x: Tensor,
         weight: Tensor | None,
         bias: Tensor | None,
         eps: float,
+        chosen: kernels.Plan,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        mean, var = kernels.batch_stats(x)
-        inv_std = torch.rsqrt(var + eps)
-        y = kernels.normalize(x, mean, inv_std, weight, bias)
+        y, mean, var, inv_std = kernels.train_forward(x, weight, bias, eps, chosen)
         ctx.save_for_backward(x, weight, mean, inv_std)
         ctx.eps = eps
+        ctx.plan = chosen
         ctx.mark_non_differentiable(mean, var)
         return y, mean, var
 
     @staticmethod
-    def backward(  # type: ignore[override]
+    def backward(
         ctx: Any, grad_output: Tensor, _grad_mean: Tensor | None, _grad_var: Tensor | None
-    ) -> tuple[Tensor | None, Tensor | None, Tensor | None, None]:
+    ) -> tuple[Tensor | None, Tensor | None, Tensor | None, None, None]:
         x, weight, mean, inv_std = ctx.saved_tensors
         need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
         if torch.is_grad_enabled():
             # create_graph=True: the statistics must be functions of x in the
-            # graph for the second derivative, so recompute them differentiably.
+            # graph for the second derivative, so recompute them differentiably
+            # and use the composite backward, which autograd can differentiate.
             acc = kernels.accumulation_dtype(x.dtype)
             var, mean = torch.var_mean(x.to(acc), dim=(0, 2), correction=0)
             inv_std = torch.rsqrt(var + ctx.eps)
-        grad_input, grad_weight, grad_bias = kernels.backward(grad_output, x, mean, inv_std, weight, need_input)
+            grad_input, grad_weight, grad_bias = kernels.backward(grad_output, x, mean, inv_std, weight, need_input)
+        else:
+            grad_input, grad_weight, grad_bias = kernels.train_backward(
+                grad_output, x, mean, inv_std, weight, ctx.eps, need_input, ctx.plan
+            )
         return (
             grad_input,
             grad_weight.to(weight.dtype) if need_weight else None,
             grad_bias.to(grad_output.dtype if weight is None else weight.dtype) if need_bias else None,
             None,
+            None,
         )
+
+
+def _training(
+    input: Tensor, feature: int, weight: Tensor | None, bias: Tensor | None, eps: float
+) -> tuple[Tensor, Tensor, Tensor, int]:
+    """Training forward on any layout: ``(y, mean, var, values per statistic)``, dispatched by :func:`kernels.plan`.
+
+    Where the plan is PyTorch's kernels both ways, PyTorch's differentiable op
+    runs directly (its backward and double backward are C++, with no Python
+    in between); otherwise :class:`_TrainingBatchNorm` runs our kernels.
+    """
+    chosen = kernels.plan(input, "train", feature)
+    if chosen.forward == "torch" and chosen.backward == "torch":
+        result = kernels.torch_training(input, feature, weight, bias, eps, check_offset=not chosen.forced)
+        if result is not None:
+            return (*result, input.numel() // input.shape[feature])
+        chosen = kernels.Plan("eager", "torch", chosen.layout, "offset data: our forward, PyTorch's backward")
+    view = kernels.canonical_view(input, feature)
+    y, mean, var = _TrainingBatchNorm.apply(view.tensor, weight, bias, eps, chosen)  # type: ignore[no-untyped-call]
+    return view.restore(y), mean, var, view.values_per_statistic
 
 
 def _update_running_stats(
@@ -160,7 +190,9 @@ def _update_running_stats(
     nonfinite: str,
 ) -> bool:
     """In-place moving-average update; return False when a non-finite batch was skipped."""
-    if not bool(torch.isfinite(mean).all() and torch.isfinite(var).all()):
+    # v - v is 0 for every finite v and NaN for an infinity or a NaN, so one
+    # sum checks both vectors exactly, with fewer kernels than isfinite().all().
+    if math.isnan(float((mean - mean).add_(var).sub_(var).sum())):
         if nonfinite == "skip":
             return False
         raise NonfiniteBatchError(
@@ -200,9 +232,8 @@ def batch_norm_with_status(
     if nonfinite not in NONFINITE_POLICIES:
         raise ValueError(f"expected nonfinite to be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
     feature = check_arguments(input, running_mean, running_var, weight, bias, training, momentum, eps, axis)
-    view = kernels.canonical_view(input, feature)
     if training:
-        y, mean, var = _TrainingBatchNorm.apply(view.tensor, weight, bias, eps)
+        y, mean, var, values_per_statistic = _training(input, feature, weight, bias, eps)
         updated = False
         if running_mean is not None and running_var is not None:
             with torch.no_grad():
@@ -211,29 +242,29 @@ def batch_norm_with_status(
                     running_var,
                     mean,
                     var,
-                    view.values_per_statistic,
+                    values_per_statistic,
                     momentum,
                     num_batches_tracked,
                     nonfinite,
                 )
-        return view.restore(y), updated
+        return y, updated
     assert running_mean is not None
     assert running_var is not None
-    return view.restore(_inference(view.tensor, running_mean, running_var, weight, bias, eps)), False
+    return _inference(input, feature, running_mean, running_var, weight, bias, eps), False
 
 
 def _inference(
-    x: Tensor, running_mean: Tensor, running_var: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+    input: Tensor,
+    feature: int,
+    running_mean: Tensor,
+    running_var: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
 ) -> Tensor:
-    """Algorithm 2 as one fused multiply-add: ``y = x * scale + shift`` on a ``(B, C, S)`` view."""
-    acc = kernels.accumulation_dtype(x.dtype)
-    scale = torch.rsqrt(running_var.to(acc) + eps)
-    if weight is not None:
-        scale = scale * weight.to(acc)
-    shift = -running_mean.to(acc) * scale
-    if bias is not None:
-        shift = shift + bias.to(acc)
-    return torch.addcmul(shift.view(1, -1, 1), x.to(acc), scale.view(1, -1, 1)).to(x.dtype)
+    """Algorithm 2, ``y = (x - running_mean) / sqrt(running_var + eps) * weight + bias``, via :func:`kernels.plan`."""
+    chosen = kernels.plan(input, "eval", feature)
+    return kernels.inference(input, feature, running_mean, running_var, weight, bias, eps, chosen)
 
 
 def batch_norm(

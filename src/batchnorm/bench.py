@@ -1,0 +1,702 @@
+r"""``batchnorm bench``: our batch norm against PyTorch's, in one process, interleaved.
+
+For every suite case (a shape, a memory layout and a feature axis) and dtype
+it times three operations with both implementations:
+
+``train-fwd``
+    training forward with running statistics, no autograd;
+``train-fwd+bwd``
+    the same forward, then the gradients of input, weight and bias;
+``eval-fwd``
+    the eval-mode forward.
+
+The two sides alternate in every repeat (ours first in even repeats, torch's
+in odd ones), each repeat runs enough calls to last a few milliseconds, and
+the reported time is the median over repeats: on a shared machine only such
+interleaved ratios can be trusted. PyTorch's side does what a user must for
+``axis=-1`` (``movedim`` to axis 1 and back).
+
+Each time is also put against a *roofline*: the minimum bytes the operation
+must move (forward: read ``x``, write ``y``; forward+backward: that plus read
+``dy`` and ``x``, write ``dx``; eval: read ``x``, write ``y``) divided by the
+memory bandwidth of a large copy measured in the same run.
+
+``--end-to-end`` times whole training steps of the paper's MLP and of a small
+BN CNN, built from ``torch.nn`` layers, with torch's BN layers and with ours
+(:func:`batchnorm.convert`), otherwise identical.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import itertools
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from batchnorm import functional, kernels
+
+__all__ = ["SUITE", "Case", "configure_parser", "main", "run"]
+
+LAYOUTS = ("dense", "nchw", "channels-last", "sequence")
+OPERATIONS = ("train-fwd", "train-fwd+bwd", "eval-fwd")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+
+
+@dataclass(frozen=True)
+class Case:
+    """One benchmark input; ``layout`` is dense, nchw, channels-last or sequence (``(N, L, C)``, axis -1)."""
+
+    layout: str
+    shape: tuple[int, ...]
+
+    @property
+    def axis(self) -> int:
+        return -1 if self.layout == "sequence" else 1
+
+    @property
+    def name(self) -> str:
+        return f"{self.layout} {'x'.join(map(str, self.shape))}"
+
+
+SUITE: tuple[Case, ...] = (
+    Case("dense", (60, 100)),
+    Case("dense", (256, 1024)),
+    Case("dense", (4096, 512)),
+    Case("nchw", (32, 64, 56, 56)),
+    Case("nchw", (128, 256, 14, 14)),
+    Case("nchw", (8, 32, 112, 112)),
+    Case("channels-last", (32, 64, 56, 56)),
+    Case("sequence", (32, 128, 768)),
+)
+
+
+def parse_case(text: str) -> Case:
+    """``LAYOUT:AxBxC`` (e.g. ``nchw:32x64x56x56``) or a suite case's shape alone (``32x64x56x56``)."""
+    layout, _, dims = text.rpartition(":")
+    try:
+        shape = tuple(int(d) for d in dims.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a shape like 32x64x56x56, got {dims!r}") from None
+    if not shape or min(shape) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive sizes, got {dims!r}")
+    if not layout:
+        matches = [case for case in SUITE if case.shape == shape]
+        if not matches:
+            raise argparse.ArgumentTypeError(
+                f"{dims!r} is not a suite shape: write LAYOUT:{dims} (LAYOUT in {LAYOUTS})"
+            )
+        return matches[0]
+    if layout not in LAYOUTS:
+        raise argparse.ArgumentTypeError(f"expected a layout in {LAYOUTS}, got {layout!r}")
+    if layout in ("nchw", "channels-last") and len(shape) != 4:
+        raise argparse.ArgumentTypeError(f"{layout} needs 4 sizes (N, C, H, W), got {dims!r}")
+    if layout == "dense" and len(shape) != 2:
+        raise argparse.ArgumentTypeError(f"dense needs 2 sizes (N, D), got {dims!r}")
+    if layout == "sequence" and len(shape) != 3:
+        raise argparse.ArgumentTypeError(f"sequence needs 3 sizes (N, L, C), got {dims!r}")
+    return Case(layout, shape)
+
+
+def _csv(convert: Callable[[str], Any]) -> Callable[[str], list[Any]]:
+    def parse(text: str) -> list[Any]:
+        return [convert(part.strip()) for part in text.split(",") if part.strip()]
+
+    return parse
+
+
+def _dtype(text: str) -> str:
+    if text not in DTYPES:
+        raise argparse.ArgumentTypeError(f"expected dtypes among {', '.join(DTYPES)}, got {text!r}")
+    return text
+
+
+def _kernel(text: str) -> str:
+    if text not in kernels.KERNELS:
+        raise argparse.ArgumentTypeError(f"expected kernels among {', '.join(kernels.KERNELS)}, got {text!r}")
+    return text
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    """Add the ``bench`` options to ``parser`` (the CLI adds ``--threads``)."""
+    parser.add_argument(
+        "--quick", action="store_true", help="float32 only, fewer and shorter repeats: about a minute once compiled"
+    )
+    parser.add_argument(
+        "--shapes",
+        type=_csv(parse_case),
+        default=None,
+        help="comma-separated cases LAYOUT:AxBx... (layouts: dense, nchw, channels-last, sequence) or suite "
+        "shapes; default: the whole suite",
+    )
+    parser.add_argument(
+        "--dtype",
+        type=_csv(_dtype),
+        default=None,
+        help="comma-separated dtypes (float32, bfloat16, float16, float64); default float32,bfloat16 "
+        "(float32 with --quick)",
+    )
+    parser.add_argument(
+        "--kernel",
+        type=_csv(_kernel),
+        default=["auto"],
+        help="our kernel settings to time, comma-separated among auto, eager, compiled, torch (default auto)",
+    )
+    parser.add_argument(
+        "--operations",
+        type=_csv(lambda text: text if text in OPERATIONS else _bad_operation(text)),
+        default=list(OPERATIONS),
+        help=f"comma-separated among {', '.join(OPERATIONS)} (default all)",
+    )
+    parser.add_argument(
+        "--repeats", type=_positive, default=None, help="interleaved repeats per timing (default 9, 5 with --quick)"
+    )
+    parser.add_argument(
+        "--block-ms",
+        type=float,
+        default=None,
+        help="target duration of one timed block in ms (default 20, 8 with --quick)",
+    )
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    parser.add_argument(
+        "--explain", action="store_true", help="print which kernel path is chosen for every case, then time"
+    )
+    parser.add_argument("--explain-only", action="store_true", help="print the kernel choices and stop")
+    parser.add_argument(
+        "--end-to-end", action="store_true", help="also time training steps of the paper MLP and a small CNN"
+    )
+    parser.add_argument("--steps", type=_positive, default=None, help="end-to-end steps per timed block (default 20)")
+    parser.add_argument(
+        "--out", type=Path, default=Path("runs/bench"), help="folder for bench.json (default runs/bench)"
+    )
+    parser.add_argument("--json", type=Path, default=None, help="write the results here instead of OUT/bench.json")
+
+
+def _bad_operation(text: str) -> str:
+    raise argparse.ArgumentTypeError(f"expected operations among {', '.join(OPERATIONS)}, got {text!r}")
+
+
+# --- timing -----------------------------------------------------------------------------
+
+
+def _synchronizer(device: torch.device) -> Callable[[], None]:
+    if device.type == "cuda":
+        return lambda: torch.cuda.synchronize(device)
+    return lambda: None
+
+
+def _time_block(function: Callable[[], object], calls: int, sync: Callable[[], None]) -> float:
+    sync()
+    start = time.perf_counter()
+    for _ in range(calls):
+        function()
+    sync()
+    return (time.perf_counter() - start) / calls
+
+
+def interleaved_medians(
+    functions: dict[str, Callable[[], object]],
+    repeats: int,
+    block_seconds: float,
+    sync: Callable[[], None],
+) -> dict[str, float]:
+    """Median seconds per call of each function, timed in alternating blocks of calls.
+
+    Every function is warmed up (which also compiles what needs compiling)
+    and calibrated to the number of calls that lasts ``block_seconds``.
+    """
+    calls: dict[str, int] = {}
+    for name, function in functions.items():
+        for _ in range(2):
+            function()
+        once = _time_block(function, 1, sync)
+        calls[name] = max(1, min(10_000, round(block_seconds / max(once, 1e-7))))
+    samples: dict[str, list[float]] = {name: [] for name in functions}
+    names = list(functions)
+    for repeat in range(repeats):
+        for name in names if repeat % 2 == 0 else reversed(names):
+            samples[name].append(_time_block(functions[name], calls[name], sync))
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def measure_bandwidth(device: torch.device, sync: Callable[[], None], repeats: int = 9) -> dict[str, float]:
+    """Memory bandwidth in GB/s: a 64 MiB copy (bytes read + written) and a 64 MiB sum (bytes read)."""
+    numel = 16 * 1024 * 1024
+    source = torch.randn(numel, device=device)
+    target = torch.empty_like(source)
+    times = interleaved_medians(
+        {"copy": lambda: target.copy_(source), "sum": lambda: source.sum()}, repeats, 0.02, sync
+    )
+    nbytes = numel * 4
+    return {"copy": 2 * nbytes / times["copy"] / 1e9, "sum": nbytes / times["sum"] / 1e9}
+
+
+# --- kernel suite -----------------------------------------------------------------------
+
+
+def make_input(case: Case, dtype: torch.dtype, device: torch.device, generator: torch.Generator) -> Tensor:
+    """A standard-normal input with the case's shape and memory layout."""
+    x = torch.randn(case.shape, generator=generator, device="cpu").to(device=device, dtype=dtype)
+    if case.layout == "channels-last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
+def _torch_op(case: Case) -> Callable[..., Tensor]:
+    """``F.batch_norm`` as a user calls it for this case (moving a last feature axis to 1 and back)."""
+    if case.axis == 1:
+        return F.batch_norm
+
+    def moved(x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        return F.batch_norm(x.movedim(-1, 1), *args, **kwargs).movedim(1, -1)
+
+    return moved
+
+
+def minimum_bytes(case: Case, dtype: torch.dtype, operation: str) -> int:
+    """Bytes an operation must move at the least: 2 tensor passes forward (x in, y out), 5 forward+backward."""
+    tensor_bytes = math.prod(case.shape) * torch.empty((), dtype=dtype).element_size()
+    return tensor_bytes * (5 if operation == "train-fwd+bwd" else 2)
+
+
+def _operations(
+    case: Case, dtype: torch.dtype, device: torch.device, kernel: str, generator: torch.Generator
+) -> Iterator[tuple[str, Callable[[], object], Callable[[], object]]]:
+    """Yield ``(operation, torch_call, our_call)`` for a case; both sides get their own buffers."""
+    x = make_input(case, dtype, device, generator)
+    features = case.shape[case.axis]
+    param_dtype = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+    weight = (1 + 0.1 * torch.randn(features, generator=generator)).to(device=device, dtype=param_dtype)
+    bias = (0.1 * torch.randn(features, generator=generator)).to(device=device, dtype=param_dtype)
+    grad_output = make_input(case, dtype, device, generator)
+    torch_op = _torch_op(case)
+    axis = case.axis
+    stats = {
+        side: (
+            torch.zeros(features, device=device, dtype=param_dtype),
+            torch.ones(features, device=device, dtype=param_dtype),
+        )
+        for side in ("torch", "ours")
+    }
+
+    def setting() -> AbstractContextManager[None]:
+        return kernels.use_kernel(kernel) if kernel != "auto" else nullcontext()
+
+    def torch_forward(training: bool) -> Callable[[], object]:
+        def call() -> object:
+            with torch.no_grad():
+                return torch_op(x, *stats["torch"], weight, bias, training, 0.1, 1e-5)
+
+        return call
+
+    def our_forward(training: bool) -> Callable[[], object]:
+        def call() -> object:
+            with torch.no_grad(), setting():
+                return functional.batch_norm(x, *stats["ours"], weight, bias, training, 0.1, 1e-5, axis)
+
+        return call
+
+    xg = x.detach().clone().requires_grad_()
+    wg = weight.detach().clone().requires_grad_()
+    bg = bias.detach().clone().requires_grad_()
+
+    def torch_train_step() -> object:
+        y = torch_op(xg, *stats["torch"], wg, bg, True, 0.1, 1e-5)
+        return torch.autograd.grad(y, (xg, wg, bg), grad_output)
+
+    def our_train_step() -> object:
+        with setting():
+            y = functional.batch_norm(xg, *stats["ours"], wg, bg, True, 0.1, 1e-5, axis)
+            return torch.autograd.grad(y, (xg, wg, bg), grad_output)
+
+    yield "train-fwd", torch_forward(True), our_forward(True)
+    yield "train-fwd+bwd", torch_train_step, our_train_step
+    yield "eval-fwd", torch_forward(False), our_forward(False)
+
+
+@dataclass
+class Result:
+    """One timed (case, dtype, operation, kernel setting)."""
+
+    case: str
+    layout: str
+    shape: list[int]
+    axis: int
+    dtype: str
+    operation: str
+    kernel: str
+    plan: str
+    torch_ms: float
+    ours_ms: float
+    ratio: float
+    torch_roofline_pct: float
+    ours_roofline_pct: float
+    minimum_bytes: int
+    first_call_s: float
+
+
+def explain_case(case: Case, dtype: torch.dtype, device: torch.device, kernel: str = "auto") -> dict[str, str]:
+    """The kernel plan our op picks for a case, per mode, as text."""
+    x = torch.empty(case.shape, dtype=dtype, device=device)
+    if case.layout == "channels-last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    view = kernels.canonical_view(x, case.axis % x.dim()).tensor
+    context = kernels.use_kernel(kernel) if kernel != "auto" else nullcontext()
+    with context:
+        return {
+            "train": kernels.plan(view, "train").describe(),
+            "eval": kernels.plan(view, "eval").describe(),
+            "view": "x".join(map(str, view.shape)),
+        }
+
+
+def run_suite(
+    cases: Sequence[Case],
+    dtypes: Sequence[str],
+    kernel_settings: Sequence[str],
+    operations: Sequence[str],
+    device: torch.device,
+    repeats: int,
+    block_seconds: float,
+    bandwidth: float,
+    progress: Callable[[str], None],
+) -> list[Result]:
+    """Time every (case, dtype, kernel setting, operation); see the module docstring."""
+    sync = _synchronizer(device)
+    results: list[Result] = []
+    generator = torch.Generator().manual_seed(0)
+    for case in cases:
+        for dtype_name in dtypes:
+            dtype = DTYPES[dtype_name]
+            for kernel in kernel_settings:
+                explained = explain_case(case, dtype, device, kernel)
+                for operation, torch_call, our_call in _operations(case, dtype, device, kernel, generator):
+                    if operation not in operations:
+                        continue
+                    progress(f"{case.name} {dtype_name} {operation} ({kernel})")
+                    start = time.perf_counter()
+                    our_call()
+                    sync()
+                    first_call = time.perf_counter() - start
+                    times = interleaved_medians({"torch": torch_call, "ours": our_call}, repeats, block_seconds, sync)
+                    floor = minimum_bytes(case, dtype, operation) / (bandwidth * 1e9)
+                    results.append(
+                        Result(
+                            case=case.name,
+                            layout=case.layout,
+                            shape=list(case.shape),
+                            axis=case.axis,
+                            dtype=dtype_name,
+                            operation=operation,
+                            kernel=kernel,
+                            plan=explained["eval" if operation == "eval-fwd" else "train"],
+                            torch_ms=times["torch"] * 1e3,
+                            ours_ms=times["ours"] * 1e3,
+                            ratio=times["torch"] / times["ours"],
+                            torch_roofline_pct=100 * floor / times["torch"],
+                            ours_roofline_pct=100 * floor / times["ours"],
+                            minimum_bytes=minimum_bytes(case, dtype, operation),
+                            first_call_s=first_call,
+                        )
+                    )
+    return results
+
+
+def geometric_mean(values: Sequence[float]) -> float:
+    return math.exp(sum(math.log(v) for v in values) / len(values)) if values else float("nan")
+
+
+def summarize(results: Sequence[Result]) -> list[dict[str, Any]]:
+    """Per (operation, dtype, kernel): geometric mean and minimum of the ratios, and the worst case."""
+    groups: dict[tuple[str, str, str], list[Result]] = {}
+    for result in results:
+        groups.setdefault((result.operation, result.dtype, result.kernel), []).append(result)
+    summary = []
+    for (operation, dtype, kernel), members in groups.items():
+        worst = min(members, key=lambda r: r.ratio)
+        summary.append(
+            {
+                "operation": operation,
+                "dtype": dtype,
+                "kernel": kernel,
+                "cases": len(members),
+                "geometric_mean_ratio": geometric_mean([r.ratio for r in members]),
+                "min_ratio": worst.ratio,
+                "worst_case": worst.case,
+            }
+        )
+    return summary
+
+
+def format_table(results: Sequence[Result]) -> str:
+    header = ("case", "dtype", "operation", "kernel", "torch ms", "ours ms", "torch/ours", "roof% torch", "roof% ours")
+    rows = [
+        (
+            r.case,
+            r.dtype,
+            r.operation,
+            r.kernel,
+            f"{r.torch_ms:.3f}",
+            f"{r.ours_ms:.3f}",
+            f"{r.ratio:.2f}x",
+            f"{r.torch_roofline_pct:.0f}",
+            f"{r.ours_roofline_pct:.0f}",
+        )
+        for r in results
+    ]
+    return _render(header, rows)
+
+
+def _render(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows)]
+    lines = ["  ".join(str(cell).ljust(width) for cell, width in zip(header, widths))]
+    lines.append("  ".join("-" * width for width in widths))
+    lines.extend("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)) for row in rows)
+    return "\n".join(lines)
+
+
+# --- end to end -------------------------------------------------------------------------
+
+
+def paper_mlp() -> nn.Module:
+    """784-100-100-100-10 with sigmoid, BN before each nonlinearity (Ioffe & Szegedy 2015, section 4.1)."""
+    layers: list[nn.Module] = []
+    widths = [784, 100, 100, 100]
+    for inputs, outputs in itertools.pairwise(widths):
+        layers += [nn.Linear(inputs, outputs), nn.BatchNorm1d(outputs), nn.Sigmoid()]
+    layers.append(nn.Linear(widths[-1], 10))
+    return nn.Sequential(*layers)
+
+
+def small_cnn() -> nn.Module:
+    """conv3x3(16)-BN-ReLU-pool, conv3x3(32)-BN-ReLU-pool, linear(10) on 1x28x28 inputs."""
+    return nn.Sequential(
+        nn.Conv2d(1, 16, 3, padding=1, bias=False),
+        nn.BatchNorm2d(16),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(16, 32, 3, padding=1, bias=False),
+        nn.BatchNorm2d(32),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(32 * 7 * 7, 10),
+    )
+
+
+@dataclass
+class EndToEnd:
+    """Training steps per second of one model, torch's BN against ours."""
+
+    model: str
+    batch: int
+    torch_steps_per_s: float
+    ours_steps_per_s: float
+    ratio: float
+    layers: list[str] = field(default_factory=list)
+
+
+def end_to_end(device: torch.device, repeats: int, steps: int, progress: Callable[[str], None]) -> list[EndToEnd]:
+    """Time SGD steps of :func:`paper_mlp` (batch 60) and :func:`small_cnn` (batch 60) with both BN layers."""
+    from batchnorm.modules import convert
+
+    sync = _synchronizer(device)
+    results = []
+    for name, build, input_shape in (
+        ("paper MLP 784-100-100-100-10 sigmoid", paper_mlp, (60, 784)),
+        ("small BN CNN 28x28", small_cnn, (60, 1, 28, 28)),
+    ):
+        progress(f"end to end: {name}")
+        torch.manual_seed(0)
+        theirs = build().to(device)
+        ours = convert(copy.deepcopy(theirs))
+        inputs = torch.randn(input_shape, device=device)
+        targets = torch.randint(0, 10, (input_shape[0],), device=device)
+
+        def stepper(model: nn.Module, inputs: Tensor = inputs, targets: Tensor = targets) -> Callable[[], object]:
+            optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+            def block() -> object:
+                for _ in range(steps):
+                    optimizer.zero_grad(set_to_none=True)
+                    loss = F.cross_entropy(model(inputs), targets)
+                    loss.backward()  # type: ignore[no-untyped-call]
+                    optimizer.step()
+                return loss
+
+            return block
+
+        times = interleaved_medians({"torch": stepper(theirs), "ours": stepper(ours)}, repeats, 0.0, sync)
+        results.append(
+            EndToEnd(
+                model=name,
+                batch=input_shape[0],
+                torch_steps_per_s=steps / times["torch"],
+                ours_steps_per_s=steps / times["ours"],
+                ratio=times["torch"] / times["ours"],
+                layers=[type(m).__name__ for m in ours.modules() if "BatchNorm" in type(m).__name__],
+            )
+        )
+    return results
+
+
+# --- the verb ---------------------------------------------------------------------------
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the benchmark described by ``args`` (see :func:`configure_parser`); return the exit code."""
+    threads = getattr(args, "threads", None)
+    if threads is None:  # the CLI's default: $BATCHNORM_THREADS, else 1
+        value = os.environ.get("BATCHNORM_THREADS", "1")
+        threads = int(value) if value.isdigit() and int(value) > 0 else 1
+    torch.set_num_threads(threads)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        sys.stderr.write("batchnorm bench: error: --device cuda, but torch.cuda.is_available() is False\n")
+        return 2
+    cases = args.shapes or list(SUITE)
+    dtypes = args.dtype or (["float32"] if args.quick else ["float32", "bfloat16"])
+    repeats = args.repeats or (5 if args.quick else 9)
+    block_seconds = (args.block_ms or (8.0 if args.quick else 20.0)) / 1e3
+    sync = _synchronizer(device)
+
+    print(f"batchnorm bench: torch {torch.__version__}, device {device}, {torch.get_num_threads()} thread(s)")
+    if args.explain or args.explain_only:
+        rows = []
+        for case in cases:
+            for dtype_name in dtypes:
+                for kernel in args.kernel:
+                    explained = explain_case(case, DTYPES[dtype_name], device, kernel)
+                    rows.append(
+                        (case.name, dtype_name, explained["view"], kernel, explained["train"], explained["eval"])
+                    )
+        print(_render(("case", "dtype", "view", "setting", "train", "eval"), rows))
+        if args.explain_only:
+            return 0
+
+    bandwidth = measure_bandwidth(device, sync)
+    print(f"memory bandwidth: copy {bandwidth['copy']:.1f} GB/s (read+write), sum {bandwidth['sum']:.1f} GB/s (read)")
+
+    progress = _progress(len(cases) * len(dtypes) * len(args.kernel) * len(args.operations))
+    results = run_suite(
+        cases, dtypes, args.kernel, args.operations, device, repeats, block_seconds, bandwidth["copy"], progress
+    )
+    progress("")
+    print(format_table(results))
+    summary = summarize(results)
+    print()
+    print(
+        _render(
+            ("operation", "dtype", "kernel", "cases", "geomean torch/ours", "min", "worst case"),
+            [
+                (
+                    s["operation"],
+                    s["dtype"],
+                    s["kernel"],
+                    str(s["cases"]),
+                    f"{s['geometric_mean_ratio']:.2f}x",
+                    f"{s['min_ratio']:.2f}x",
+                    s["worst_case"],
+                )
+                for s in summary
+            ],
+        )
+    )
+    end_to_end_results: list[EndToEnd] = []
+    if args.end_to_end:
+        steps = args.steps or (10 if args.quick else 20)
+        end_to_end_results = end_to_end(device, repeats, steps, _progress(2))
+        print()
+        print(
+            _render(
+                ("model", "batch", "torch steps/s", "ours steps/s", "torch/ours"),
+                [
+                    (
+                        e.model,
+                        str(e.batch),
+                        f"{e.torch_steps_per_s:.0f}",
+                        f"{e.ours_steps_per_s:.0f}",
+                        f"{e.ratio:.2f}x",
+                    )
+                    for e in end_to_end_results
+                ],
+            )
+        )
+    report = {
+        "torch_version": torch.__version__,
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "threads": torch.get_num_threads(),
+        "repeats": repeats,
+        "block_ms": block_seconds * 1e3,
+        "bandwidth_gbps": bandwidth,
+        "results": [asdict(r) for r in results],
+        "summary": summary,
+        "end_to_end": [asdict(e) for e in end_to_end_results],
+        "explain": {
+            f"{case.name} {dtype_name}": explain_case(case, DTYPES[dtype_name], device)
+            for case in cases
+            for dtype_name in dtypes
+        },
+    }
+    path = args.json or args.out / "bench.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_suffix(path.suffix + ".tmp")
+    temporary.write_text(json.dumps(report, indent=2) + "\n")
+    temporary.replace(path)
+    print(f"\nwrote {path}")
+    return 0
+
+
+def _progress(total: int) -> Callable[[str], None]:
+    """A one-line progress indicator on stderr (``done/total: what``); an empty message ends the line."""
+    state = {"done": 0}
+    interactive = sys.stderr.isatty()
+
+    def report(message: str) -> None:
+        if not message:
+            if interactive:
+                sys.stderr.write("\n")
+            return
+        state["done"] += 1
+        line = f"[{state['done']}/{total}] {message}"
+        if interactive:
+            sys.stderr.write("\r" + line.ljust(70)[:100])
+        else:
+            sys.stderr.write(line + "\n")
+        sys.stderr.flush()
+
+    return report
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Standalone entry point (``python benchmarks/bench_kernels.py``): the ``bench`` options plus ``--threads``."""
+    parser = argparse.ArgumentParser(prog="bench_kernels", description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser.add_argument("--threads", type=_positive, default=None, help="CPU threads for torch (default 1)")
+    configure_parser(parser)
+    args = parser.parse_args(argv)
+    torch.set_flush_denormal(True)
+    return run(args)
