@@ -276,6 +276,9 @@ def plan(x: Tensor, mode: Mode = "train", feature: int | None = None) -> Plan:
     * eval: ``torch``. PyTorch's eval kernel runs at the memory bandwidth and
       computes what ours would (``x * a + b``); on our ``(M, C)`` view a
       sequence needs no transpose.
+    * training on a GPU with float16/bfloat16 input: ``eager`` (our float32
+      formulas, rounded once; PyTorch's CUDA backward is off by up to 2 units
+      of roundoff).
     * training, feature-last (dense, channels-last, sequences) or not on the
       CPU: ``torch``, PyTorch's differentiable op on the input or its
       ``(M, C)`` view, forward checked for offset data (module docstring).
@@ -303,6 +306,10 @@ def plan(x: Tensor, mode: Mode = "train", feature: int | None = None) -> Plan:
         chosen = Plan(kernel, kernel, layout, f"forced by {_setting_source()}", forced=True)
     elif mode == "eval":
         chosen = Plan("torch", "torch", layout, "eval: PyTorch's kernel runs at the memory bandwidth")
+    elif mode == "train" and x.device.type != "cpu" and x.dtype in (torch.float16, torch.bfloat16):
+        # PyTorch's CUDA backward for half inputs rounds more than once (errors up to ~2 units of
+        # roundoff, measured on an H200); ours computes in float32 and rounds once.
+        chosen = Plan("eager", "eager", layout, "half precision off the CPU: float32 formulas, one rounding")
     elif layout == "feature-last" or x.device.type != "cpu":
         chosen = Plan("torch", "torch", layout, "PyTorch's kernels on the (M, C) view, forward checked")
     else:
