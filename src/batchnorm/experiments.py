@@ -380,8 +380,10 @@ def run(args: argparse.Namespace) -> int:
         print("What each BN layer computes (trained BN network, one training batch):")
         print(format_table(results["explain"]))
         print()
-    print(f"{config.model}, {config.act}, batch {config.batch_size}, lr {config.lr}, {config.steps} steps, ")
-    print(f"init {config.init}, data: {results['dataset']}")
+    print(
+        f"{config.model}, {config.act}, init {config.init}, batch {config.batch_size}, lr {config.lr}, "
+        f"momentum {config.momentum}, {config.steps} steps; data: {results['dataset']}"
+    )
     print(format_summary(results))
     out = Path(args.out)
     print(f"\nwrote {out / 'results.json'} and {out / 'report.html'} in {time.perf_counter() - started:.0f} s")
