@@ -12,7 +12,6 @@ import dataclasses
 import json
 import math
 import re
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,11 +19,11 @@ import numpy as np
 import pytest
 import torch
 
-from batchnorm.cli import main
 from batchnorm.data import load_dataset
 from batchnorm.experiments import COMPARE_DEFAULTS, compare, percentile_steadiness
 from batchnorm.reference import batch_norm_forward
 from batchnorm.training import TrainConfig, train
+from helpers import run_cli
 
 TINY = dataclasses.replace(
     COMPARE_DEFAULTS,
@@ -41,25 +40,6 @@ TINY = dataclasses.replace(
 )
 FIGURES = ("accuracy.png", "percentiles.png", "layers.png")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-@pytest.fixture(autouse=True)
-def _restore_torch_globals() -> Iterator[None]:
-    """``main`` sets torch's thread count and flush-denormal mode for the process; undo both after each test."""
-    threads = torch.get_num_threads()
-    yield
-    torch.set_flush_denormal(False)
-    torch.set_num_threads(threads)
-
-
-def run_cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    """``batchnorm.cli.main(argv)``: exit code (also from argparse's SystemExit), stdout, stderr."""
-    try:
-        code = main(argv)
-    except SystemExit as exit_:
-        code = exit_.code if isinstance(exit_.code, int) else 1
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def _sigmoid(z: np.ndarray) -> np.ndarray:

@@ -16,7 +16,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +24,6 @@ import pytest
 import torch
 from torch import nn
 
-from batchnorm.cli import main
 from batchnorm.data import load_dataset
 from batchnorm.models import build_model
 from batchnorm.training import (
@@ -37,6 +35,7 @@ from batchnorm.training import (
     model_from_checkpoint,
     train,
 )
+from helpers import run_cli
 
 SMALL = TrainConfig(
     model="mlp:64-32-32-10",
@@ -55,25 +54,6 @@ SMALL = TrainConfig(
     checkpoint_every=100,
     seed=0,
 )
-
-
-@pytest.fixture(autouse=True)
-def _restore_torch_globals() -> Iterator[None]:
-    """``main`` sets torch's thread count and flush-denormal mode for the process; undo both after each test."""
-    threads = torch.get_num_threads()
-    yield
-    torch.set_flush_denormal(False)
-    torch.set_num_threads(threads)
-
-
-def run_cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    """``batchnorm.cli.main(argv)``: exit code (also from argparse's SystemExit), stdout, stderr."""
-    try:
-        code = main(argv)
-    except SystemExit as exit_:
-        code = exit_.code if isinstance(exit_.code, int) else 1
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def _metrics(path: Path) -> list[dict[str, Any]]:
