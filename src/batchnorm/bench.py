@@ -48,6 +48,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from batchnorm import functional, kernels
+from batchnorm.cli import positive_int
 
 __all__ = ["SUITE", "Case", "configure_parser", "main", "run"]
 
@@ -130,16 +131,6 @@ def _kernel(text: str) -> str:
     return text
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     """Add the ``bench`` options to ``parser`` (the CLI adds ``--threads``)."""
     parser.add_argument(
@@ -172,7 +163,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         help=f"comma-separated among {', '.join(OPERATIONS)} (default all)",
     )
     parser.add_argument(
-        "--repeats", type=_positive, default=None, help="interleaved repeats per timing (default 9, 5 with --quick)"
+        "--repeats", type=positive_int, default=None, help="interleaved repeats per timing (default 9, 5 with --quick)"
     )
     parser.add_argument(
         "--block-ms",
@@ -188,7 +179,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--end-to-end", action="store_true", help="also time training steps of the paper MLP and a small CNN"
     )
-    parser.add_argument("--steps", type=_positive, default=None, help="end-to-end steps per timed block (default 20)")
+    parser.add_argument(
+        "--steps", type=positive_int, default=None, help="end-to-end steps per timed block (default 20)"
+    )
     parser.add_argument(
         "--out", type=Path, default=Path("runs/bench"), help="folder for bench.json (default runs/bench)"
     )
@@ -695,7 +688,7 @@ def _progress(total: int) -> Callable[[str], None]:
 def main(argv: Sequence[str] | None = None) -> int:
     """Standalone entry point (``python benchmarks/bench_kernels.py``): the ``bench`` options plus ``--threads``."""
     parser = argparse.ArgumentParser(prog="bench_kernels", description=__doc__.split("\n\n")[0] if __doc__ else None)
-    parser.add_argument("--threads", type=_positive, default=None, help="CPU threads for torch (default 1)")
+    parser.add_argument("--threads", type=positive_int, default=None, help="CPU threads for torch (default 1)")
     configure_parser(parser)
     args = parser.parse_args(argv)
     torch.set_flush_denormal(True)
