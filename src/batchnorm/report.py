@@ -166,7 +166,7 @@ def write_report(out_dir: str | Path, results: dict[str, Any], extra_sections: l
 body {{ font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto; color: #222; }}
 img {{ max-width: 100%; }} figure {{ margin: 1.5em 0; }} figcaption {{ color: #555; }}
 table {{ border-collapse: collapse; }} td, th {{ border: 1px solid #ccc; padding: 0.25em 0.6em; }}
-pre {{ background: #f6f6f6; padding: 1em; overflow-x: auto; }}
+pre {{ background: #f6f6f6; padding: 1em; white-space: pre-wrap; }}
 </style></head><body>
 <h1>Batch normalization in a deep network</h1>
 <p>The same network ({html.escape(str(config.get("model", "")))}, {html.escape(str(config.get("act", "")))}) trained
