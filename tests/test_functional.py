@@ -639,3 +639,106 @@ def test_constant_feature_gives_zeros_and_finite_gradients(offset: float, dtype:
 
 def test_package_exports_the_error_type() -> None:
     assert issubclass(bn.NonfiniteBatchError, ValueError)
+
+
+# --- the training fast path (PyTorch's op computing the running-statistics update) ----------
+
+
+def _clean_batches(count: int, shape: tuple[int, ...] = (16, 4)) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(7)
+    return [torch.randn(shape, generator=generator) * 2 + 0.5 for _ in range(count)]
+
+
+@pytest.mark.parametrize("bad_value", BAD_VALUES)
+@pytest.mark.parametrize("nonfinite", ["raise", "skip"])
+def test_module_fast_path_nonfinite_batch_then_clean_batches_match_torch(bad_value: float, nonfinite: str) -> None:
+    """A poisoned batch between clean ones changes nothing; the clean ones update exactly as torch's layer does."""
+    ours, theirs = bn.BatchNorm1d(4, nonfinite=nonfinite), torch.nn.BatchNorm1d(4)
+    first, second = _clean_batches(2)
+    ours(first)
+    theirs(first)
+    before = [ours.running_mean.clone(), ours.running_var.clone(), ours.num_batches_tracked.clone()]
+    poisoned = second.clone()
+    poisoned[3, 2] = bad_value
+    if nonfinite == "raise":
+        with pytest.raises(bn.NonfiniteBatchError, match=r"NaN or Inf.*left unchanged"):
+            ours(poisoned)
+    else:
+        y = ours(poisoned)
+        torch.testing.assert_close(y[:, [0, 1, 3]], theirs(second.clone())[:, [0, 1, 3]].detach())
+        theirs.running_mean.copy_(before[0])  # undo torch's update of that extra call
+        theirs.running_var.copy_(before[1])
+        theirs.num_batches_tracked.copy_(before[2])
+    for after, original in zip([ours.running_mean, ours.running_var, ours.num_batches_tracked], before):
+        assert torch.equal(after, original)
+    # The next clean batch (same feature count: the same scratch statistics) updates normally.
+    torch.testing.assert_close(ours(second), theirs(second))
+    torch.testing.assert_close(ours.running_mean, theirs.running_mean, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(ours.running_var, theirs.running_var, rtol=1e-6, atol=1e-7)
+    assert ours.num_batches_tracked.item() == theirs.num_batches_tracked.item() == 2
+
+
+def test_an_overflowing_variance_is_a_nonfinite_batch() -> None:
+    """Finite float32 values whose variance overflows (inv_std is 0, the mean is finite) are caught too."""
+    x = torch.randn(8, 3)
+    x[:, 1] = torch.tensor([1e20, -1e20] * 4)
+    module = bn.BatchNorm1d(3)
+    before = [t.clone() for t in module.buffers()]
+    with pytest.raises(bn.NonfiniteBatchError):
+        module(x)
+    for after, original in zip(module.buffers(), before):
+        assert torch.equal(after, original)
+    running_mean, running_var = torch.zeros(3), torch.ones(3)
+    y = batch_norm(x, running_mean, running_var, None, None, True, nonfinite="skip")
+    assert torch.equal(running_mean, torch.zeros(3))
+    assert torch.equal(running_var, torch.ones(3))
+    assert torch.isfinite(y[:, [0, 2]]).all()
+
+
+@pytest.mark.parametrize(
+    ("module", "x", "message"),
+    [
+        pytest.param(lambda: bn.BatchNorm1d(4), torch.randn(8, 5), r"has shape \(4,\) but the input has 5", id="size"),
+        pytest.param(lambda: bn.BatchNorm1d(4), torch.randn(8, 4, 2, 2), r"expected 2D or 3D input", id="rank"),
+        pytest.param(lambda: bn.BatchNorm(4, axis=-1), torch.randn(8, 4, 3), r"input has 3 features", id="axis"),
+        pytest.param(lambda: bn.BatchNorm1d(4), torch.randn(1, 4), r"more than 1 value per feature", id="one-value"),
+        pytest.param(lambda: bn.BatchNorm1d(4), torch.ones(8, 4, dtype=torch.long), r"floating-point", id="dtype"),
+    ],
+)
+def test_module_fast_path_keeps_the_argument_errors(
+    module: Callable[[], torch.nn.Module], x: torch.Tensor, message: str
+) -> None:
+    layer = module()
+    before = [t.clone() for t in layer.buffers()]
+    with pytest.raises(ValueError, match=message):
+        layer(x)
+    for after, original in zip(layer.buffers(), before):
+        assert torch.equal(after, original)
+
+
+def test_offset_data_with_running_statistics_takes_our_formula() -> None:
+    """The fast path checks ``max |mean| / std`` too: dense float32 data at 1e4 with std 0.05, buffers given."""
+    generator = torch.Generator().manual_seed(99)
+    x = 1e4 + 0.05 * torch.randn(256, 16, generator=generator)
+    exact = torch.nn.functional.batch_norm(x.double(), None, None, training=True)
+    running_mean, running_var = torch.zeros(16), torch.ones(16)
+    ours = batch_norm(x, running_mean, running_var, None, None, True, 0.5)
+    theirs = torch.nn.functional.batch_norm(x, torch.zeros(16), torch.ones(16), None, None, True, 0.5)
+    assert (ours.double() - exact).abs().max() <= (theirs.double() - exact).abs().max()
+    torch.testing.assert_close(running_mean.double(), 0.5 * x.double().mean(0), rtol=1e-6, atol=0)
+    torch.testing.assert_close(running_var.double(), 0.5 + 0.5 * x.double().var(0), rtol=1e-3, atol=0)
+
+
+def test_layers_of_one_width_share_scratch_statistics_safely() -> None:
+    """Several layers (and calls) of one width before one backward: outputs, gradients, buffers as torch's."""
+    generator = torch.Generator().manual_seed(3)
+    inputs = [torch.randn(12, 5, generator=generator) * (i + 1) + i for i in range(3)]
+    results = []
+    for make in (torch.nn.BatchNorm1d, bn.BatchNorm1d):
+        first, second = make(5), make(5)
+        leaves = [x.clone().requires_grad_() for x in inputs]
+        outputs = [first(leaves[0]), second(leaves[1]), first(leaves[2])]
+        sum((y**3).sum() for y in outputs).backward()  # type: ignore[union-attr]
+        results.append([*outputs, *(x.grad for x in leaves), first.running_mean, first.running_var])
+    for ours, theirs in zip(results[1], results[0]):
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)

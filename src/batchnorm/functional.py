@@ -86,7 +86,9 @@ def check_arguments(
         raise _InputDtypeError(
             f"expected a floating-point input (float16, bfloat16, float32 or float64), got dtype {input.dtype}"
         )
-    feature = canonical_axis(input.dim(), axis)
+    ndim = input.dim()
+    # The common case inline (an int axis in range); canonical_axis words the errors.
+    feature = axis % ndim if type(axis) is int and ndim >= 1 and -ndim <= axis < ndim else canonical_axis(ndim, axis)
     if not (isinstance(eps, (int, float)) and eps > 0):
         raise ValueError(f"expected eps > 0, got {eps}")
     if momentum is not None and not (isinstance(momentum, (int, float)) and 0.0 <= momentum <= 1.0):
@@ -94,15 +96,21 @@ def check_arguments(
     if (running_mean is None) != (running_var is None):
         raise ValueError("expected running_mean and running_var to be both tensors or both None")
     num_features = input.shape[feature]
-    for name, value in (
-        ("running_mean", running_mean),
-        ("running_var", running_var),
-        ("weight", weight),
-        ("bias", bias),
+    # One expression for the common case; the loop below words the error.
+    shape = (num_features,)
+    if not (
+        (running_mean is None or (isinstance(running_mean, Tensor) and running_mean.shape == shape))
+        and (running_var is None or (isinstance(running_var, Tensor) and running_var.shape == shape))
+        and (weight is None or (isinstance(weight, Tensor) and weight.shape == shape))
+        and (bias is None or (isinstance(bias, Tensor) and bias.shape == shape))
     ):
-        _check_vector(name, value, num_features, feature)
-    if not training and running_mean is None:
-        raise ValueError("expected running_mean and running_var when training=False, got None")
+        for name, value in (
+            ("running_mean", running_mean),
+            ("running_var", running_var),
+            ("weight", weight),
+            ("bias", bias),
+        ):
+            _check_vector(name, value, num_features, feature)
     if training:
         values = input.numel() // max(num_features, 1)
         if values <= 1:
@@ -110,6 +118,8 @@ def check_arguments(
                 f"expected more than 1 value per feature when training, got input of shape "
                 f"{tuple(input.shape)} (feature axis {feature}) with {values} value(s) per feature"
             )
+    elif running_mean is None:
+        raise ValueError("expected running_mean and running_var when training=False, got None")
     return feature
 
 
@@ -159,24 +169,59 @@ class _TrainingBatchNorm(torch.autograd.Function):
         )
 
 
+_OFFSET_PLAN = kernels.Plan("eager", "torch", "feature-last", "offset data: our forward, PyTorch's backward")
+_HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
 def _training(
-    input: Tensor, feature: int, weight: Tensor | None, bias: Tensor | None, eps: float
+    input: Tensor, feature: int, weight: Tensor | None, bias: Tensor | None, eps: float, chosen: kernels.Plan
 ) -> tuple[Tensor, Tensor, Tensor, int]:
-    """Training forward on any layout: ``(y, mean, var, values per statistic)``, dispatched by :func:`kernels.plan`.
+    """Training forward on any layout: ``(y, mean, var, values per statistic)``, with the kernels ``chosen``.
 
     Where the plan is PyTorch's kernels both ways, PyTorch's differentiable op
     runs directly (its backward and double backward are C++, with no Python
     in between); otherwise :class:`_TrainingBatchNorm` runs our kernels.
     """
-    chosen = kernels.plan(input, "train", feature)
     if chosen.forward == "torch" and chosen.backward == "torch":
         result = kernels.torch_training(input, feature, weight, bias, eps, check_offset=not chosen.forced)
         if result is not None:
             return (*result, input.numel() // input.shape[feature])
-        chosen = kernels.Plan("eager", "torch", chosen.layout, "offset data: our forward, PyTorch's backward")
+        chosen = kernels.Plan("eager", "torch", chosen.layout, _OFFSET_PLAN.reason)
     view = kernels.canonical_view(input, feature)
     y, mean, var = _TrainingBatchNorm.apply(view.tensor, weight, bias, eps, chosen)  # type: ignore[no-untyped-call]
     return view.restore(y), mean, var, view.values_per_statistic
+
+
+_NONFINITE_MESSAGE = (
+    "the training batch contains NaN or Inf (its mean or variance is not finite); running "
+    "statistics were left unchanged. Pass nonfinite='skip' to ignore such batches."
+)
+
+
+def _finite_statistics(mean: Tensor, var: Tensor) -> bool:
+    """Whether every entry of ``mean`` and ``var`` (per-feature vectors) is finite, with one host sync.
+
+    ``dot(mean, var)`` is NaN or infinite whenever an entry is (``inf * 0`` is
+    NaN, ``inf - inf`` too), so a finite dot product settles it in one kernel;
+    only a non-finite one (an infinity, or an overflow of finite values) needs
+    the exact test, ``v - v`` (0 for every finite ``v``, NaN otherwise).
+    """
+    if (
+        mean.dtype == var.dtype
+        and mean.dtype in (torch.float32, torch.float64)
+        and mean.dim() == var.dim() == 1
+        and math.isfinite(float(torch.dot(mean, var)))
+    ):
+        return True
+    return not math.isnan(float((mean - mean).add_(var - var).sum()))
+
+
+_ONE = torch.tensor(1)
+
+
+def _increment(counter: Tensor) -> None:
+    """``counter += 1`` in place; adding a cached 0-d tensor skips wrapping the Python 1 in a new one."""
+    counter.add_(_ONE if counter.dtype == torch.int64 else 1)
 
 
 def _update_running_stats(
@@ -190,15 +235,10 @@ def _update_running_stats(
     nonfinite: str,
 ) -> bool:
     """In-place moving-average update; return False when a non-finite batch was skipped."""
-    # v - v is 0 for every finite v and NaN for an infinity or a NaN, so one
-    # sum checks both vectors exactly, with fewer kernels than isfinite().all().
-    if math.isnan(float((mean - mean).add_(var).sub_(var).sum())):
+    if not _finite_statistics(mean, var):
         if nonfinite == "skip":
             return False
-        raise NonfiniteBatchError(
-            "the training batch contains NaN or Inf (its mean or variance is not finite); running "
-            "statistics were left unchanged. Pass nonfinite='skip' to ignore such batches."
-        )
+        raise NonfiniteBatchError(_NONFINITE_MESSAGE)
     if momentum is None:
         if num_batches_tracked is None:
             raise ValueError("momentum=None (cumulative average) needs num_batches_tracked, got None")
@@ -207,11 +247,227 @@ def _update_running_stats(
         factor = float(momentum)
     m = values_per_statistic
     unbiased = var * (m / (m - 1))
-    running_mean.lerp_(mean.to(running_mean.dtype), factor)
-    running_var.lerp_(unbiased.to(running_var.dtype), factor)
+    torch._foreach_lerp_(
+        [running_mean, running_var], [mean.to(running_mean.dtype), unbiased.to(running_var.dtype)], factor
+    )
     if num_batches_tracked is not None:
-        num_batches_tracked.add_(1)
+        _increment(num_batches_tracked)
     return True
+
+
+def _native_update_applies(
+    input: Tensor, running_mean: Tensor, running_var: Tensor, weight: Tensor | None, bias: Tensor | None
+) -> bool:
+    """Whether PyTorch's op can update (copies of) these buffers itself: one parameter dtype it accepts."""
+    dtype = running_mean.dtype
+    if running_var.dtype != dtype or running_mean.requires_grad or running_var.requires_grad:
+        return False
+    if (weight is not None and weight.dtype != dtype) or (bias is not None and bias.dtype != dtype):
+        return False
+    return dtype == input.dtype or (dtype == torch.float32 and input.dtype in _HALF_DTYPES)
+
+
+def _torch_training_tracked(
+    input: Tensor,
+    feature: int,
+    running_mean: Tensor,
+    running_var: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    momentum: float,
+    eps: float,
+    num_batches_tracked: Tensor | None,
+    nonfinite: str,
+    check_offset: bool,
+) -> tuple[Tensor, bool] | None:
+    """Training with PyTorch's op, whose kernel also returns the unbiased variance.
+
+    See :func:`kernels.torch_training_tracked`.
+
+    One host sync decides everything: ``mean * inv_std + (var - var)`` is NaN
+    or infinite wherever a batch statistic is (``var - var`` is NaN for an
+    infinite or NaN variance, whose ``inv_std`` is 0 or NaN), and otherwise
+    is the offset measure of :func:`kernels.torch_training`; one ``aminmax``
+    reads both. Only then are the buffers blended (one ``lerp`` for both)
+    and the counter incremented. Returns ``None`` for offset data
+    (``check_offset``), with nothing written, for the caller to take our forward.
+    """
+    y, mean, inv_std, batch_mean, unbiased_var = kernels.torch_training_tracked(
+        input, feature, weight, bias, eps, running_mean
+    )
+    low, high = torch.aminmax(torch.addcmul(unbiased_var - unbiased_var, mean, inv_std))
+    offset = max(float(high), -float(low))  # NaN in either one means NaN in both (aminmax propagates it)
+    return _torch_training_step(
+        running_mean,
+        running_var,
+        momentum,
+        num_batches_tracked,
+        nonfinite,
+        y,
+        batch_mean,
+        unbiased_var,
+        offset,
+        check_offset,
+    )
+
+
+def _torch_training_step(
+    running_mean: Tensor,
+    running_var: Tensor,
+    momentum: float,
+    num_batches_tracked: Tensor | None,
+    nonfinite: str,
+    y: Tensor,
+    batch_mean: Tensor,
+    unbiased_var: Tensor,
+    offset: float,
+    check_offset: bool,
+) -> tuple[Tensor, bool] | None:
+    """The decision after :func:`kernels.torch_training_tracked`, given ``offset = max |mean * inv_std + (var - var)|``.
+
+    Non-finite (a NaN or infinite statistic, or an overflow of ``mean * inv_std``):
+    the exact test tells them apart; a non-finite batch raises or is skipped
+    with nothing written. Above the offset tolerance (with ``check_offset``):
+    ``None``, nothing written. Otherwise the buffers are blended and the
+    counter incremented.
+    """
+    if not math.isfinite(offset):
+        if not _finite_statistics(batch_mean, unbiased_var):
+            batch_mean.zero_()  # the scratch tensors must stay finite
+            unbiased_var.zero_()
+            if nonfinite == "skip":
+                return y, False
+            raise NonfiniteBatchError(_NONFINITE_MESSAGE)
+        offset = math.inf
+    if check_offset and offset > kernels._OFFSET_TOLERANCE:
+        return None
+    torch._foreach_lerp_((running_mean, running_var), (batch_mean, unbiased_var), momentum)
+    if num_batches_tracked is not None:
+        _increment(num_batches_tracked)
+    return y, True
+
+
+def _offset_fallback(
+    input: Tensor,
+    feature: int,
+    running_mean: Tensor,
+    running_var: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    momentum: float | None,
+    eps: float,
+    num_batches_tracked: Tensor | None,
+    nonfinite: str,
+) -> tuple[Tensor, bool]:
+    """Offset data (``max |mean| / std > 16``): our forward and statistics, PyTorch's backward, then the update."""
+    layout = "feature-last" if kernels._is_feature_last(input, feature) else "channels-first"
+    chosen = kernels.Plan("eager", "torch", layout, _OFFSET_PLAN.reason)
+    y, mean, var, values_per_statistic = _training(input, feature, weight, bias, eps, chosen)
+    with torch.no_grad():
+        updated = _update_running_stats(
+            running_mean, running_var, mean, var, values_per_statistic, momentum, num_batches_tracked, nonfinite
+        )
+    return y, updated
+
+
+def _fast_arguments(
+    input: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    momentum: float | None,
+    eps: float,
+    axis: int,
+    nonfinite: str,
+) -> int | None:
+    """The canonical feature axis when the arguments are plainly valid (buffers given); ``None`` for anything else.
+
+    Cheap inline conditions for the fast paths; ``None`` sends the call to
+    :func:`check_arguments`, which validates everything and words the errors.
+    """
+    if not (
+        isinstance(input, Tensor)
+        and type(axis) is int
+        and type(momentum) is float
+        and 0.0 <= momentum <= 1.0
+        and type(eps) is float
+        and eps > 0
+        and (nonfinite == "raise" or nonfinite == "skip")
+        and input.is_floating_point()
+    ):
+        return None
+    ndim = input.dim()
+    if not -ndim <= axis < ndim:
+        return None
+    feature = axis % ndim
+    shape = (input.shape[feature],)
+    if not (
+        isinstance(running_mean, Tensor)
+        and running_mean.shape == shape
+        and isinstance(running_var, Tensor)
+        and running_var.shape == shape
+        and (weight is None or (isinstance(weight, Tensor) and weight.shape == shape))
+        and (bias is None or (isinstance(bias, Tensor) and bias.shape == shape))
+    ):
+        return None
+    return feature
+
+
+def _fast_training(
+    input: Tensor,
+    running_mean: Tensor,
+    running_var: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    momentum: float | None,
+    eps: float,
+    axis: int,
+    num_batches_tracked: Tensor | None,
+    nonfinite: str,
+) -> tuple[Tensor, bool] | None:
+    """The common training call (valid arguments, PyTorch's op, tracked statistics) with the least Python.
+
+    Every condition is cheap and inline; when one fails (an unusual or an
+    invalid argument, another kernel) this returns ``None`` without doing
+    anything, and :func:`batch_norm_with_status` takes the general path,
+    which validates and words the errors (:func:`check_arguments`). What it
+    runs is :func:`_torch_training_tracked`, inline.
+    """
+    feature = _fast_arguments(input, running_mean, running_var, weight, bias, momentum, eps, axis, nonfinite)
+    if feature is None or input.numel() // input.shape[feature] <= 1 or not kernels.native_training(input, feature):
+        return None
+    assert momentum is not None  # _fast_arguments checked it is a float
+    # _native_update_applies, inline
+    dtype = running_mean.dtype
+    if not (
+        running_var.dtype == dtype
+        and not running_mean.requires_grad
+        and not running_var.requires_grad
+        and (weight is None or weight.dtype == dtype)
+        and (bias is None or bias.dtype == dtype)
+        and (dtype == input.dtype or (dtype == torch.float32 and input.dtype in _HALF_DTYPES))
+    ):
+        return None
+    y, mean, inv_std, batch_mean, unbiased_var = kernels.torch_training_tracked(
+        input, feature, weight, bias, eps, running_mean
+    )
+    low, high = torch.aminmax(torch.addcmul(unbiased_var - unbiased_var, mean, inv_std))
+    offset = max(float(high), -float(low))
+    if offset <= kernels._OFFSET_TOLERANCE:  # False for NaN
+        torch._foreach_lerp_((running_mean, running_var), (batch_mean, unbiased_var), momentum)
+        if num_batches_tracked is not None:
+            num_batches_tracked.add_(_ONE if num_batches_tracked.dtype == torch.int64 else 1)
+        return y, True
+    # Rare: a non-finite batch, offset data, or both: the general step sorts them out.
+    result = _torch_training_step(
+        running_mean, running_var, momentum, num_batches_tracked, nonfinite, y, batch_mean, unbiased_var, offset, True
+    )
+    if result is None:
+        return _offset_fallback(
+            input, feature, running_mean, running_var, weight, bias, momentum, eps, num_batches_tracked, nonfinite
+        )
+    return result
 
 
 def batch_norm_with_status(
@@ -229,28 +485,65 @@ def batch_norm_with_status(
     nonfinite: NonfinitePolicy = "raise",
 ) -> tuple[Tensor, bool]:
     """:func:`batch_norm`, also returning whether running statistics were updated."""
+    if training and running_mean is not None and running_var is not None:
+        result = _fast_training(
+            input, running_mean, running_var, weight, bias, momentum, eps, axis, num_batches_tracked, nonfinite
+        )
+        if result is not None:
+            return result
+    elif not training and running_mean is not None and running_var is not None:
+        feature = _fast_arguments(input, running_mean, running_var, weight, bias, momentum, eps, axis, nonfinite)
+        if feature is not None and kernels.native_inference(input, feature):
+            return torch.native_batch_norm(input, weight, bias, running_mean, running_var, False, 0.0, eps)[0], False
     if nonfinite not in NONFINITE_POLICIES:
         raise ValueError(f"expected nonfinite to be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
     feature = check_arguments(input, running_mean, running_var, weight, bias, training, momentum, eps, axis)
-    if training:
-        y, mean, var, values_per_statistic = _training(input, feature, weight, bias, eps)
-        updated = False
-        if running_mean is not None and running_var is not None:
-            with torch.no_grad():
-                updated = _update_running_stats(
-                    running_mean,
-                    running_var,
-                    mean,
-                    var,
-                    values_per_statistic,
-                    momentum,
-                    num_batches_tracked,
-                    nonfinite,
-                )
-        return y, updated
-    assert running_mean is not None
-    assert running_var is not None
-    return _inference(input, feature, running_mean, running_var, weight, bias, eps), False
+    if not training:
+        assert running_mean is not None
+        assert running_var is not None
+        return _inference(input, feature, running_mean, running_var, weight, bias, eps), False
+    chosen = kernels.plan(input, "train", feature)
+    if running_mean is None or running_var is None:
+        return _training(input, feature, weight, bias, eps, chosen)[0], False
+    if (
+        chosen.forward == "torch"
+        and chosen.backward == "torch"
+        and (momentum is not None or num_batches_tracked is not None)
+        and _native_update_applies(input, running_mean, running_var, weight, bias)
+    ):
+        # PyTorch's op computes the new running statistics in its own kernel: the fast path.
+        factor = float(momentum) if momentum is not None else 1.0 / (int(num_batches_tracked.item()) + 1)  # type: ignore[union-attr]
+        result = _torch_training_tracked(
+            input,
+            feature,
+            running_mean,
+            running_var,
+            weight,
+            bias,
+            factor,
+            eps,
+            num_batches_tracked,
+            nonfinite,
+            check_offset=not chosen.forced,
+        )
+        if result is not None:
+            return result
+        return _offset_fallback(
+            input, feature, running_mean, running_var, weight, bias, momentum, eps, num_batches_tracked, nonfinite
+        )
+    y, mean, var, values_per_statistic = _training(input, feature, weight, bias, eps, chosen)
+    with torch.no_grad():
+        updated = _update_running_stats(
+            running_mean,
+            running_var,
+            mean,
+            var,
+            values_per_statistic,
+            momentum,
+            num_batches_tracked,
+            nonfinite,
+        )
+    return y, updated
 
 
 def _inference(

@@ -98,10 +98,13 @@ __all__ = [
     "compiled_available",
     "get_kernel",
     "inference",
+    "native_inference",
+    "native_training",
     "normalize",
     "plan",
     "set_kernel",
     "torch_training",
+    "torch_training_tracked",
     "train_backward",
     "train_forward",
     "use_kernel",
@@ -297,21 +300,28 @@ def plan(x: Tensor, mode: Mode = "train", feature: int | None = None) -> Plan:
       dominates, and PyTorch's C++ op, differentiated by PyTorch's own
       backward, has the least.
     """
-    setting = _local.kernel if getattr(_local, "kernel", None) is not None else _environment_kernel()
+    setting: str | None = getattr(_local, "kernel", None)
+    if setting is None:
+        setting = _environment[KERNEL_ENV_VAR] if KERNEL_ENV_VAR in _environment else _environment_kernel()
     layout = "feature-last" if _is_feature_last(x, feature) else "channels-first"
-    if setting != "auto":
+    if setting == "auto" and (mode == "eval" or layout == "feature-last"):
+        # The common cases (eval, dense, channels-last, sequences) get a constant Plan: no allocation.
+        if mode == "eval":
+            chosen = _EVAL_PLANS[layout]
+        elif x.device.type != "cpu" and x.dtype in (torch.float16, torch.bfloat16):
+            chosen = _HALF_DEVICE_PLANS[layout]
+        else:
+            chosen = _FEATURE_LAST_PLAN
+    elif setting != "auto":
         kernel: Kernel = setting  # type: ignore[assignment]
         if kernel == "compiled" and not compiled_available():
             return Plan("eager", "eager", layout, f"{setting} requested but compilation is unavailable here", True)
         chosen = Plan(kernel, kernel, layout, f"forced by {_setting_source()}", forced=True)
-    elif mode == "eval":
-        chosen = Plan("torch", "torch", layout, "eval: PyTorch's kernel runs at the memory bandwidth")
-    elif mode == "train" and x.device.type != "cpu" and x.dtype in (torch.float16, torch.bfloat16):
-        # PyTorch's CUDA backward for half inputs rounds more than once (errors up to ~2 units of
-        # roundoff, measured on an H200); ours computes in float32 and rounds once.
-        chosen = Plan("eager", "eager", layout, "half precision off the CPU: float32 formulas, one rounding")
-    elif layout == "feature-last" or x.device.type != "cpu":
-        chosen = Plan("torch", "torch", layout, "PyTorch's kernels on the (M, C) view, forward checked")
+    elif x.device.type != "cpu":
+        if x.dtype in (torch.float16, torch.bfloat16):
+            chosen = _HALF_DEVICE_PLANS[layout]
+        else:
+            chosen = _DEVICE_PLAN
     else:
         threshold = COMPILE_MIN_NUMEL_HALF if x.dtype in (torch.float16, torch.bfloat16) else COMPILE_MIN_NUMEL
         if x.numel() < threshold:
@@ -323,6 +333,47 @@ def plan(x: Tensor, mode: Mode = "train", feature: int | None = None) -> Plan:
     if logger.isEnabledFor(logging.DEBUG):
         logger.debug("batch norm %s %s %s: %s", mode, tuple(x.shape), x.dtype, chosen.describe())
     return chosen
+
+
+def native_training(x: Tensor, feature: int) -> bool:
+    """Whether :func:`plan` would choose PyTorch's op (checked, not forced) for training ``x`` on the CPU.
+
+    The training fast path's question, answered without building a :class:`Plan`:
+    ``auto`` in force, a CPU input, feature-last or below the compilation
+    threshold. False whenever anything else holds (another setting, another
+    device, debug logging on, which :func:`plan` serves), so that the caller
+    takes the general path; ``x`` is any input, ``feature`` its canonical feature axis.
+    """
+    if getattr(_local, "kernel", None) is not None or not x.is_cpu or logger.isEnabledFor(logging.DEBUG):
+        return False
+    if (_environment[KERNEL_ENV_VAR] if KERNEL_ENV_VAR in _environment else _environment_kernel()) != "auto":
+        return False
+    if feature == x.dim() - 1 or x.stride(feature) == 1:  # feature-last (_is_feature_last, inline)
+        return True
+    return x.numel() < (COMPILE_MIN_NUMEL_HALF if x.dtype in (torch.float16, torch.bfloat16) else COMPILE_MIN_NUMEL)
+
+
+def native_inference(input: Tensor, feature: int) -> bool:
+    """Whether :func:`inference` under ``auto`` would run PyTorch's op on ``input`` as it is (no view, no logging)."""
+    if getattr(_local, "kernel", None) is not None or logger.isEnabledFor(logging.DEBUG):
+        return False
+    if (_environment[KERNEL_ENV_VAR] if KERNEL_ENV_VAR in _environment else _environment_kernel()) != "auto":
+        return False
+    return _native_direct(input, feature)
+
+
+_EVAL_PLANS = {
+    layout: Plan("torch", "torch", layout, "eval: PyTorch's kernel runs at the memory bandwidth")
+    for layout in ("feature-last", "channels-first")
+}
+# PyTorch's CUDA backward for half inputs rounds more than once (errors up to ~2 units of
+# roundoff, measured on an H200); ours computes in float32 and rounds once.
+_HALF_DEVICE_PLANS = {
+    layout: Plan("eager", "eager", layout, "half precision off the CPU: float32 formulas, one rounding")
+    for layout in ("feature-last", "channels-first")
+}
+_FEATURE_LAST_PLAN = Plan("torch", "torch", "feature-last", "PyTorch's kernels on the (M, C) view, forward checked")
+_DEVICE_PLAN = Plan("torch", "torch", "channels-first", "PyTorch's kernels on the (M, C) view, forward checked")
 
 
 def _setting_source() -> str:
@@ -505,6 +556,70 @@ def torch_training(
     if view is not None:
         y = view.restore(y.view(view.tensor.shape))
     return y, mean, var
+
+
+_scratch = threading.local()
+
+
+def _scratch_statistics(like: Tensor) -> tuple[Tensor, Tensor]:
+    """Two finite ``(C,)`` tensors shaped and typed as ``like``, for PyTorch's op to write batch statistics into.
+
+    On the CPU they are cached per thread and per ``(C, dtype)``: their values
+    do not matter as long as they are finite (they are multiplied by 0), so
+    a caller that lets a NaN into them must zero them (:func:`torch_training_tracked`).
+    Elsewhere (where kernels run asynchronously on streams) each call gets new zeros.
+    """
+    if like.device.type != "cpu":
+        return torch.zeros_like(like), torch.zeros_like(like)
+    cache: dict[tuple[int, torch.dtype], tuple[Tensor, Tensor]] | None = getattr(_scratch, "cache", None)
+    if cache is None:
+        cache = _scratch.cache = {}
+    key = (like.shape[0], like.dtype)
+    pair = cache.get(key)
+    if pair is None:
+        with torch.inference_mode(False):  # usable in and out of inference mode
+            pair = cache[key] = (torch.zeros_like(like), torch.zeros_like(like))
+    return pair
+
+
+def torch_training_tracked(
+    input: Tensor,
+    feature: int,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    running_mean: Tensor,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """:func:`torch_training` that also returns the batch mean and *unbiased* variance as running statistics.
+
+    Returns ``(y, mean, inv_std, batch_mean, unbiased_var)``: ``mean`` and
+    ``1 / sqrt(var + eps)`` as PyTorch's op returns them, and the statistics
+    its kernel writes into running buffers given with ``momentum=1``
+    (``batch_mean`` equals ``mean``; ``unbiased_var`` is ``var * m / (m - 1)``,
+    computed inside the statistics kernel: no extra operations). Those buffers
+    are scratch tensors of ``running_mean``'s size and dtype, never the
+    caller's: the caller checks the batch, then blends them into its buffers
+    (or does not). They may be reused by the next call in this thread, so the
+    caller uses them at once, and zeros them (``zero_``) if they are not
+    finite. No offset check here; the caller makes it.
+
+    Shape:
+        - input, y: any layout with ``C`` features at ``feature``; the rest: ``(C,)``.
+    """
+    # _scratch_statistics and _native_direct inline: this is the hot path of every small training call.
+    cache: dict[tuple[int, torch.dtype], tuple[Tensor, Tensor]] | None = getattr(_scratch, "cache", None)
+    pair = None if cache is None or not input.is_cpu else cache.get((running_mean.shape[0], running_mean.dtype))
+    batch_mean, unbiased_var = _scratch_statistics(running_mean) if pair is None else pair
+    if feature == 1 and input.is_contiguous() and input.dim() >= 2:
+        y, mean, inv_std = torch.native_batch_norm(input, weight, bias, batch_mean, unbiased_var, True, 1.0, eps)
+        return y, mean, inv_std, batch_mean, unbiased_var
+    if _native_direct(input, feature):
+        y, mean, inv_std = torch.native_batch_norm(input, weight, bias, batch_mean, unbiased_var, True, 1.0, eps)
+        return y, mean, inv_std, batch_mean, unbiased_var
+    view = canonical_view(input, feature)
+    native_x = _native_input(view.tensor)
+    y, mean, inv_std = torch.native_batch_norm(native_x, weight, bias, batch_mean, unbiased_var, True, 1.0, eps)
+    return view.restore(y.view(view.tensor.shape)), mean, inv_std, batch_mean, unbiased_var
 
 
 def _torch_backward(

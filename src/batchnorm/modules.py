@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from batchnorm.functional import NONFINITE_POLICIES, NonfinitePolicy, batch_norm_with_status
+from batchnorm.functional import NONFINITE_POLICIES, NonfinitePolicy, _fast_training, batch_norm_with_status
 
 __all__ = ["BatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "convert", "is_batch_norm"]
 
@@ -151,20 +151,49 @@ class BatchNorm(nn.Module):
 
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
-        use_batch_stats = self.training or self.running_mean is None
-        # In training without tracking, or with tracking off, the buffers are not passed.
-        track = self.training and self.track_running_stats
+        try:  # the dictionaries directly: nn.Module.__getattr__ is a Python call per attribute
+            parameters, buffers = self._parameters, self._buffers
+            weight, bias = parameters["weight"], parameters["bias"]
+            running_mean, running_var = buffers["running_mean"], buffers["running_var"]
+            counter = buffers["num_batches_tracked"]
+        except KeyError:  # parametrized (torch.nn.utils.parametrize) or otherwise customised
+            weight, bias = self.weight, self.bias
+            running_mean, running_var, counter = self.running_mean, self.running_var, self.num_batches_tracked
+        num_batches_tracked = None
+        if self.training:
+            use_batch_stats = True
+            if self.track_running_stats:
+                num_batches_tracked = counter
+                if running_mean is not None and running_var is not None:
+                    fast = _fast_training(
+                        input,
+                        running_mean,
+                        running_var,
+                        weight,
+                        bias,
+                        self.momentum,
+                        self.eps,
+                        self.axis,
+                        num_batches_tracked,
+                        self.nonfinite,
+                    )
+                    if fast is not None:
+                        return fast[0]
+            else:  # in training without tracking the buffers are not passed
+                running_mean = running_var = None
+        else:
+            use_batch_stats = running_mean is None
         output, _ = batch_norm_with_status(
             input,
-            self.running_mean if (not self.training or self.track_running_stats) else None,
-            self.running_var if (not self.training or self.track_running_stats) else None,
-            self.weight,
-            self.bias,
+            running_mean,
+            running_var,
+            weight,
+            bias,
             use_batch_stats,
             self.momentum,
             self.eps,
             self.axis,
-            num_batches_tracked=self.num_batches_tracked if track else None,
+            num_batches_tracked=num_batches_tracked,
             nonfinite=self.nonfinite,
         )
         return output
