@@ -544,18 +544,33 @@ def torch_training(
     Shape:
         - input, y: any layout with ``C`` features at ``feature``; mean, var: ``(C,)``.
     """
-    direct = _native_direct(input, feature)
-    view = None if direct else canonical_view(input, feature)
-    native_x = input if view is None else _native_input(view.tensor)
-    y, mean, inv_std = torch.native_batch_norm(native_x, weight, bias, None, None, True, 0.0, eps)
+    y, mean, inv_std = _native_forward(input, feature, weight, bias, None, None, 0.0, eps)
     # torch forms y = x * a + (bias - mean * a): with |mean| >> std the two
     # terms cancel and rounding shows. Those (rare) batches take our formula.
     if check_offset and float(torch.linalg.vector_norm(mean * inv_std, math.inf)) > _OFFSET_TOLERANCE:
         return None
-    var = inv_std.pow(-2).sub_(eps).clamp_min_(0)
-    if view is not None:
-        y = view.restore(y.view(view.tensor.shape))
-    return y, mean, var
+    return y, mean, inv_std.pow(-2).sub_(eps).clamp_min_(0)
+
+
+def _native_forward(
+    input: Tensor,
+    feature: int,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    momentum: float,
+    eps: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """PyTorch's training op on ``input`` itself where it can take it, else on our view: ``(y, mean, inv_std)``."""
+    # The first test is _native_direct's commonest case, inline: this is the hot path of every small call.
+    if (feature == 1 and input.dim() >= 2 and input.is_contiguous()) or _native_direct(input, feature):
+        return torch.native_batch_norm(input, weight, bias, running_mean, running_var, True, momentum, eps)
+    view = canonical_view(input, feature)
+    y, mean, inv_std = torch.native_batch_norm(
+        _native_input(view.tensor), weight, bias, running_mean, running_var, True, momentum, eps
+    )
+    return view.restore(y.view(view.tensor.shape)), mean, inv_std
 
 
 _scratch = threading.local()
@@ -606,20 +621,12 @@ def torch_training_tracked(
     Shape:
         - input, y: any layout with ``C`` features at ``feature``; the rest: ``(C,)``.
     """
-    # _scratch_statistics and _native_direct inline: this is the hot path of every small training call.
+    # The cache lookup of _scratch_statistics, inline: this is the hot path of every small training call.
     cache: dict[tuple[int, torch.dtype], tuple[Tensor, Tensor]] | None = getattr(_scratch, "cache", None)
     pair = None if cache is None or not input.is_cpu else cache.get((running_mean.shape[0], running_mean.dtype))
     batch_mean, unbiased_var = _scratch_statistics(running_mean) if pair is None else pair
-    if feature == 1 and input.is_contiguous() and input.dim() >= 2:
-        y, mean, inv_std = torch.native_batch_norm(input, weight, bias, batch_mean, unbiased_var, True, 1.0, eps)
-        return y, mean, inv_std, batch_mean, unbiased_var
-    if _native_direct(input, feature):
-        y, mean, inv_std = torch.native_batch_norm(input, weight, bias, batch_mean, unbiased_var, True, 1.0, eps)
-        return y, mean, inv_std, batch_mean, unbiased_var
-    view = canonical_view(input, feature)
-    native_x = _native_input(view.tensor)
-    y, mean, inv_std = torch.native_batch_norm(native_x, weight, bias, batch_mean, unbiased_var, True, 1.0, eps)
-    return view.restore(y.view(view.tensor.shape)), mean, inv_std, batch_mean, unbiased_var
+    y, mean, inv_std = _native_forward(input, feature, weight, bias, batch_mean, unbiased_var, 1.0, eps)
+    return y, mean, inv_std, batch_mean, unbiased_var
 
 
 def _torch_backward(
