@@ -302,7 +302,7 @@ def plan(x: Tensor, mode: Mode = "train", feature: int | None = None) -> Plan:
     """
     setting: str | None = getattr(_local, "kernel", None)
     if setting is None:
-        setting = _environment[KERNEL_ENV_VAR] if KERNEL_ENV_VAR in _environment else _environment_kernel()
+        setting = _environment_kernel()
     layout = "feature-last" if _is_feature_last(x, feature) else "channels-first"
     if setting == "auto" and (mode == "eval" or layout == "feature-last"):
         # The common cases (eval, dense, channels-last, sequences) get a constant Plan: no allocation.
@@ -335,6 +335,15 @@ def plan(x: Tensor, mode: Mode = "train", feature: int | None = None) -> Plan:
     return chosen
 
 
+def _auto_unlogged() -> bool:
+    """``auto`` in force and debug logging off: the fast paths' precondition (:func:`plan` serves the rest)."""
+    return (
+        getattr(_local, "kernel", None) is None
+        and _environment_kernel() == "auto"
+        and not logger.isEnabledFor(logging.DEBUG)
+    )
+
+
 def native_training(x: Tensor, feature: int) -> bool:
     """Whether :func:`plan` would choose PyTorch's op (checked, not forced) for training ``x`` on the CPU.
 
@@ -344,9 +353,7 @@ def native_training(x: Tensor, feature: int) -> bool:
     device, debug logging on, which :func:`plan` serves), so that the caller
     takes the general path; ``x`` is any input, ``feature`` its canonical feature axis.
     """
-    if getattr(_local, "kernel", None) is not None or not x.is_cpu or logger.isEnabledFor(logging.DEBUG):
-        return False
-    if (_environment[KERNEL_ENV_VAR] if KERNEL_ENV_VAR in _environment else _environment_kernel()) != "auto":
+    if not x.is_cpu or not _auto_unlogged():
         return False
     if feature == x.dim() - 1 or x.stride(feature) == 1:  # feature-last (_is_feature_last, inline)
         return True
@@ -355,11 +362,7 @@ def native_training(x: Tensor, feature: int) -> bool:
 
 def native_inference(input: Tensor, feature: int) -> bool:
     """Whether :func:`inference` under ``auto`` would run PyTorch's op on ``input`` as it is (no view, no logging)."""
-    if getattr(_local, "kernel", None) is not None or logger.isEnabledFor(logging.DEBUG):
-        return False
-    if (_environment[KERNEL_ENV_VAR] if KERNEL_ENV_VAR in _environment else _environment_kernel()) != "auto":
-        return False
-    return _native_direct(input, feature)
+    return _auto_unlogged() and _native_direct(input, feature)
 
 
 _EVAL_PLANS = {
