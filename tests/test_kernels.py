@@ -29,10 +29,10 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from batchnorm import functional, kernels
+from batchnorm import functional, kernels, native
 from batchnorm.functional import batch_norm
 
-PATHS = ["eager", "torch", "compiled"]
+PATHS = ["native", "eager", "torch", "compiled"]
 DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
@@ -64,6 +64,8 @@ LAYOUTS = [
 def _skip_if_unavailable(path: str) -> None:
     if path == "compiled" and not kernels.compiled_available():
         pytest.skip(f"torch.compile is unavailable here: {kernels._compiled.failure}")
+    if path == "native" and not native.available():
+        pytest.skip(f"the native kernels are unavailable here: {native.failure()}")
 
 
 def _reference(
@@ -278,7 +280,31 @@ def _view(shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.T
     return torch.empty(shape, dtype=dtype)
 
 
-def test_auto_rules() -> None:
+@pytest.fixture
+def without_native(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The native kernels unavailable, as on a machine without a C compiler."""
+    library = native._Library()
+    library.tried, library.problem = True, "no C compiler found (test)"
+    monkeypatch.setattr(native, "_library", library)
+    monkeypatch.setattr(native, "_CODES", {})
+
+
+@pytest.mark.skipif(not native.available(), reason="the native kernels are unavailable here")
+def test_auto_rules_with_native_kernels() -> None:
+    for shape, dtype in (
+        ((4, 3, 5), torch.float32),
+        ((60, 100, 1), torch.float32),
+        ((8, 32, 1024), torch.float64),
+        ((64, 32, 1024), torch.bfloat16),
+        ((4096, 512, 1), torch.float16),
+    ):
+        for mode in ("train", "eval"):
+            chosen = kernels.plan(_view(shape, dtype), mode)  # type: ignore[arg-type]
+            assert (chosen.forward, chosen.backward, chosen.forced) == ("native", "native", False)
+
+
+def test_auto_rules_without_native_kernels(without_native: None) -> None:
+    assert not native.available()
     large = _view((8, 32, 32 * 32))  # 262144 values, channels-first
     small = kernels.plan(_view((4, 3, 5)), "train")
     assert (small.forward, small.backward) == ("torch", "torch")
@@ -292,6 +318,10 @@ def test_auto_rules() -> None:
     assert kernels.plan(large.bfloat16(), "train").forward == "torch"  # PyTorch's half kernels are fast
     assert kernels.plan(_view((64, 32, 1024), torch.bfloat16), "train").forward == expected
     assert kernels.plan(_view((4096, 512, 1)), "train").forward == "torch"  # feature-last: PyTorch's kernels
+    with kernels.use_kernel("native"):
+        forced = kernels.plan(_view((4, 3, 5)), "train")
+    assert (forced.forward, forced.backward) == ("eager", "eager")
+    assert "no C compiler found (test)" in forced.reason
 
 
 def test_plan_from_an_input_and_its_axis_agrees_with_the_view() -> None:
@@ -329,7 +359,7 @@ def test_set_kernel_and_the_environment_variable(monkeypatch: pytest.MonkeyPatch
         assert kernels.get_kernel() == "torch"
         monkeypatch.setenv(kernels.KERNEL_ENV_VAR, "fastest")
         kernels.set_kernel(None)
-        with pytest.raises(ValueError, match=r"expected BATCHNORM_KERNEL to be one of auto, eager, compiled, torch"):
+        with pytest.raises(ValueError, match=r"expected BATCHNORM_KERNEL to be one of auto, native, eager, compiled, torch"):
             kernels.get_kernel()
     finally:
         monkeypatch.delenv(kernels.KERNEL_ENV_VAR)
@@ -338,7 +368,7 @@ def test_set_kernel_and_the_environment_variable(monkeypatch: pytest.MonkeyPatch
 
 
 def test_an_unknown_kernel_is_rejected() -> None:
-    with pytest.raises(ValueError, match=r"expected kernel to be one of auto, eager, compiled, torch, got 'cuda'"):
+    with pytest.raises(ValueError, match=r"expected kernel to be one of auto, native, eager, compiled, torch, got 'cuda'"):
         kernels.set_kernel("cuda")
     with pytest.raises(ValueError, match="got 'fast'"), kernels.use_kernel("fast"):
         pass

@@ -35,7 +35,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from batchnorm import kernels
+from batchnorm import kernels, native
 from batchnorm._shapes import canonical_axis
 
 __all__ = ["batch_norm", "NonfiniteBatchError", "NONFINITE_POLICIES"]
@@ -435,7 +435,7 @@ def _fast_training(
     runs is :func:`_torch_training_tracked`, inline.
     """
     feature = _fast_arguments(input, running_mean, running_var, weight, bias, momentum, eps, axis, nonfinite)
-    if feature is None or input.numel() // input.shape[feature] <= 1 or not kernels.native_training(input, feature):
+    if feature is None or input.numel() // input.shape[feature] <= 1 or not kernels.torch_training_applies(input, feature):
         return None
     assert momentum is not None  # _fast_arguments checked it is a float
     # _native_update_applies, inline
@@ -470,6 +470,73 @@ def _fast_training(
     return result
 
 
+
+
+def _native_training(
+    input: Tensor,
+    running_mean: Tensor,
+    running_var: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    momentum: float | None,
+    eps: float,
+    axis: int,
+    num_batches_tracked: Tensor | None,
+    nonfinite: str,
+) -> tuple[Tensor, bool] | None:
+    """The common training call on the native operator: one call forward (update included), a C++ backward.
+
+    The operator checks the tensors itself (in C++, see :func:`batchnorm.native.train`)
+    and declines what its kernels do not take as it is; then, and for
+    anything unusual here (another kernel setting, debug logging, argument
+    types), this returns ``None`` having done nothing, for the general path,
+    which validates everything and words the errors.
+    """
+    if not (
+        type(axis) is int
+        and type(eps) is float
+        and (momentum is None or type(momentum) is float)
+        and (nonfinite == "raise" or nonfinite == "skip")
+        and isinstance(input, Tensor)
+        and native.code(input.dtype) is not None
+        and kernels._auto_unlogged()
+    ):
+        return None
+    try:
+        y, status = native.train(input, weight, bias, running_mean, running_var, num_batches_tracked, axis, momentum, eps)
+    except TypeError:  # an argument of a type the operator's schema refuses
+        return None
+    if y is None:
+        return None
+    if status == 1 and nonfinite == "raise":
+        raise NonfiniteBatchError(_NONFINITE_MESSAGE)
+    return y, status == 0
+
+
+def _native_inference(
+    input: Tensor,
+    running_mean: Tensor,
+    running_var: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    axis: int,
+) -> Tensor | None:
+    """Eval on the native operator when nothing needs a gradient and it takes the arguments as they are; else ``None``."""
+    if not (
+        type(axis) is int
+        and type(eps) is float
+        and isinstance(input, Tensor)
+        and native.code(input.dtype) is not None
+        and kernels._auto_unlogged()
+    ):
+        return None
+    try:
+        return native.inference(input, running_mean, running_var, weight, bias, axis, eps)
+    except TypeError:
+        return None
+
+
 def batch_norm_with_status(
     input: Tensor,
     running_mean: Tensor | None,
@@ -486,14 +553,22 @@ def batch_norm_with_status(
 ) -> tuple[Tensor, bool]:
     """:func:`batch_norm`, also returning whether running statistics were updated."""
     if training and running_mean is not None and running_var is not None:
+        result = _native_training(
+            input, running_mean, running_var, weight, bias, momentum, eps, axis, num_batches_tracked, nonfinite
+        )
+        if result is not None:
+            return result
         result = _fast_training(
             input, running_mean, running_var, weight, bias, momentum, eps, axis, num_batches_tracked, nonfinite
         )
         if result is not None:
             return result
     elif not training and running_mean is not None and running_var is not None:
+        output = _native_inference(input, running_mean, running_var, weight, bias, eps, axis)
+        if output is not None:
+            return output, False
         feature = _fast_arguments(input, running_mean, running_var, weight, bias, momentum, eps, axis, nonfinite)
-        if feature is not None and kernels.native_inference(input, feature):
+        if feature is not None and kernels.torch_inference_applies(input, feature):
             return torch.native_batch_norm(input, weight, bias, running_mean, running_var, False, 0.0, eps)[0], False
     if nonfinite not in NONFINITE_POLICIES:
         raise ValueError(f"expected nonfinite to be one of {NONFINITE_POLICIES}, got {nonfinite!r}")

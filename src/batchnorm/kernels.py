@@ -84,6 +84,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from batchnorm import native
+
 __all__ = [
     "COMPILE_MIN_NUMEL",
     "COMPILE_MIN_NUMEL_HALF",
@@ -98,12 +100,13 @@ __all__ = [
     "compiled_available",
     "get_kernel",
     "inference",
-    "native_inference",
-    "native_training",
+    "native_ready",
     "normalize",
     "plan",
     "set_kernel",
+    "torch_inference_applies",
     "torch_training",
+    "torch_training_applies",
     "torch_training_tracked",
     "train_backward",
     "train_forward",
@@ -112,9 +115,9 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-Kernel = Literal["eager", "compiled", "torch"]
+Kernel = Literal["eager", "compiled", "torch", "native"]
 Mode = Literal["train", "eval"]
-KERNELS: tuple[str, ...] = ("auto", "eager", "compiled", "torch")
+KERNELS: tuple[str, ...] = ("auto", "native", "eager", "compiled", "torch")
 KERNEL_ENV_VAR = "BATCHNORM_KERNEL"
 
 # Tensors smaller than this never trigger a compilation under ``auto``: a first
@@ -304,7 +307,9 @@ def plan(x: Tensor, mode: Mode = "train", feature: int | None = None) -> Plan:
     if setting is None:
         setting = _environment_kernel()
     layout = "feature-last" if _is_feature_last(x, feature) else "channels-first"
-    if setting == "auto" and (mode == "eval" or layout == "feature-last"):
+    if setting == "auto" and native_ready(x):
+        chosen = _NATIVE_PLANS[layout]
+    elif setting == "auto" and (mode == "eval" or layout == "feature-last"):
         # The common cases (eval, dense, channels-last, sequences) get a constant Plan: no allocation.
         if mode == "eval":
             chosen = _EVAL_PLANS[layout]
@@ -316,6 +321,11 @@ def plan(x: Tensor, mode: Mode = "train", feature: int | None = None) -> Plan:
         kernel: Kernel = setting  # type: ignore[assignment]
         if kernel == "compiled" and not compiled_available():
             return Plan("eager", "eager", layout, f"{setting} requested but compilation is unavailable here", True)
+        if kernel == "native" and not native_ready(x):
+            reason = native.failure() if x.is_cpu else f"{x.device.type} input"
+            if reason is None:
+                reason = f"no native kernel for {x.dtype}"
+            return Plan("eager", "eager", layout, f"native requested but unavailable: {reason}", True)
         chosen = Plan(kernel, kernel, layout, f"forced by {_setting_source()}", forced=True)
     elif x.device.type != "cpu":
         if x.dtype in (torch.float16, torch.bfloat16):
@@ -335,34 +345,39 @@ def plan(x: Tensor, mode: Mode = "train", feature: int | None = None) -> Plan:
     return chosen
 
 
+def native_ready(x: Tensor) -> bool:
+    """Whether the native kernels can run ``x``: a CPU tensor of a dtype they have, and the library built."""
+    return x.is_cpu and native.supports(x.dtype)
+
+
 def _auto_unlogged() -> bool:
     """``auto`` in force and debug logging off: the fast paths' precondition (:func:`plan` serves the rest)."""
     return (
         getattr(_local, "kernel", None) is None
-        and _environment_kernel() == "auto"
+        and (_environment.get(KERNEL_ENV_VAR) or _environment_kernel()) == "auto"
         and not logger.isEnabledFor(logging.DEBUG)
     )
 
 
-def native_training(x: Tensor, feature: int) -> bool:
+def torch_training_applies(x: Tensor, feature: int) -> bool:
     """Whether :func:`plan` would choose PyTorch's op (checked, not forced) for training ``x`` on the CPU.
 
     The training fast path's question, answered without building a :class:`Plan`:
-    ``auto`` in force, a CPU input, feature-last or below the compilation
-    threshold. False whenever anything else holds (another setting, another
+    ``auto`` in force, a CPU input the native kernels cannot take, feature-last
+    or below the compilation threshold. False whenever anything else holds (another setting, another
     device, debug logging on, which :func:`plan` serves), so that the caller
     takes the general path; ``x`` is any input, ``feature`` its canonical feature axis.
     """
-    if not x.is_cpu or not _auto_unlogged():
+    if not x.is_cpu or not _auto_unlogged() or native.supports(x.dtype):
         return False
     if feature == x.dim() - 1 or x.stride(feature) == 1:  # feature-last (_is_feature_last, inline)
         return True
     return x.numel() < (COMPILE_MIN_NUMEL_HALF if x.dtype in (torch.float16, torch.bfloat16) else COMPILE_MIN_NUMEL)
 
 
-def native_inference(input: Tensor, feature: int) -> bool:
+def torch_inference_applies(input: Tensor, feature: int) -> bool:
     """Whether :func:`inference` under ``auto`` would run PyTorch's op on ``input`` as it is (no view, no logging)."""
-    return _auto_unlogged() and _native_direct(input, feature)
+    return _auto_unlogged() and not native_ready(input) and _native_direct(input, feature)
 
 
 _EVAL_PLANS = {
@@ -373,6 +388,10 @@ _EVAL_PLANS = {
 # roundoff, measured on an H200); ours computes in float32 and rounds once.
 _HALF_DEVICE_PLANS = {
     layout: Plan("eager", "eager", layout, "half precision off the CPU: float32 formulas, one rounding")
+    for layout in ("feature-last", "channels-first")
+}
+_NATIVE_PLANS = {
+    layout: Plan("native", "native", layout, "native kernels: fused passes, least per-call overhead")
     for layout in ("feature-last", "channels-first")
 }
 _FEATURE_LAST_PLAN = Plan("torch", "torch", "feature-last", "PyTorch's kernels on the (M, C) view, forward checked")
@@ -507,6 +526,22 @@ def _eager_inference(
     acc = accumulation_dtype(x.dtype)
     inv_std = torch.rsqrt(running_var.to(acc) + eps)
     return normalize(x, running_mean.to(acc), inv_std, weight, bias)
+
+
+def _block(x: Tensor) -> tuple[int, int, int]:
+    """The sizes of a ``(B, C, S)`` tensor, as the native kernels take them."""
+    batches, features, positions = x.shape
+    return batches, features, positions
+
+
+def _accumulated(vector: Tensor | None, x: Tensor) -> Tensor | None:
+    """A per-feature vector as the native kernels take it: contiguous, detached, in ``x``'s accumulation dtype."""
+    if vector is None:
+        return None
+    acc = accumulation_dtype(x.dtype)
+    if vector.dtype != acc or not vector.is_contiguous():
+        vector = vector.to(acc).contiguous()
+    return vector.detach()
 
 
 # --- PyTorch's own kernels --------------------------------------------------------------
@@ -889,6 +924,10 @@ def train_forward(
     Shape:
         - x, y: ``(B, C, S)`` (contiguous); weight, bias, mean, var, inv_std: ``(C,)``.
     """
+    if chosen.forward == "native":
+        x = x.contiguous()
+        y, stats = native.train_forward(x, _block(x), _accumulated(weight, x), _accumulated(bias, x), eps)
+        return y, stats[0], stats[2], stats[1]
     if chosen.forward == "compiled":
         result = _compiled_forward(x, weight, bias, eps)
         if result is not None:
@@ -920,6 +959,12 @@ def train_backward(
     Shape:
         - grad_output, x, dx: ``(B, C, S)``; mean, inv_std, weight: ``(C,)``.
     """
+    if chosen.backward == "native":
+        x = x.contiguous()
+        stats = torch.stack((mean, inv_std))
+        return native.train_backward(
+            grad_output.contiguous(), x, _block(x), stats, _accumulated(weight, x), need_input_grad
+        )
     if chosen.backward == "compiled":
         result = _compiled_backward(grad_output, x, mean, inv_std, weight)
         if result is not None:
@@ -952,6 +997,21 @@ def inference(
     if chosen.forward == "torch" and _native_direct(input, feature):
         return torch.native_batch_norm(input, weight, bias, running_mean, running_var, False, 0.0, eps)[0]
     view = canonical_view(input, feature)
+    if chosen.forward == "native" and not (
+        torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (input, weight, bias))
+    ):
+        x = view.tensor.contiguous()
+        y = native.inference(
+            x,
+            _accumulated(running_mean, x),  # type: ignore[arg-type]
+            _accumulated(running_var, x),  # type: ignore[arg-type]
+            _accumulated(weight, x),
+            _accumulated(bias, x),
+            1,
+            eps,
+        )
+        assert y is not None
+        return view.restore(y)
     if chosen.forward == "torch":
         native_x = _native_input(view.tensor)
         y = torch.native_batch_norm(native_x, weight, bias, running_mean, running_var, False, 0.0, eps)[0]

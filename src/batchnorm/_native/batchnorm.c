@@ -1,0 +1,218 @@
+/*
+ * Native CPU kernels of the batchnorm package: training forward (statistics,
+ * output and the running-statistics update in one call), training backward
+ * (both gradient reductions in one pass over x and dy, then dx) and eval.
+ *
+ * Plain C with no PyTorch headers: batchnorm.native compiles it on first use
+ * (a second or so) and calls it through ctypes on the data of contiguous
+ * tensors. OpenMP regions run on PyTorch's own OpenMP runtime (the process
+ * has already loaded libgomp.so.1 with torch), so torch.set_num_threads
+ * governs them and no second thread pool competes with PyTorch's.
+ *
+ * Numerics, as in batchnorm.kernels: float32, bfloat16 and float16 accumulate
+ * in float32 within blocks of at most a few hundred values and in double
+ * across blocks; the variance comes from sums shifted by the mean of the first
+ * 16 rows (feature-last) or 64 positions (channels-first) of each feature, summed again around the mean found when that shift
+ * was more than 4 standard deviations away; y = (x - mean) * (inv_std * weight) + bias.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#define SHIFT_SAMPLES 64 /* channels-first: leading positions whose mean is the shift */
+#define SHIFT_ROWS 16     /* feature-last: leading rows whose mean is the shift */
+#define SHIFT_TOLERANCE 16.0
+#define ROWS 32   /* feature-last: rows per block summed in registers */
+#define CHUNK 64  /* feature-last: features per block */
+#define LANES 32  /* channels-first: independent partial sums */
+#define SPAN 512  /* channels-first: positions summed before adding into double */
+#define GRAIN 32768 /* fewer values than this run on one thread (PyTorch's grain size) */
+
+enum { BN_FLOAT32 = 0, BN_FLOAT64 = 1, BN_BFLOAT16 = 2, BN_FLOAT16 = 3 };
+
+static int team_size(int64_t numel) {
+#ifdef _OPENMP
+    if (numel < GRAIN || omp_in_parallel()) return 1;
+    int threads = omp_get_max_threads();
+    int64_t most = numel / GRAIN;
+    if ((int64_t)threads > most) threads = (int)most;
+    return threads < 1 ? 1 : threads;
+#else
+    (void)numel;
+    return 1;
+#endif
+}
+
+static int thread_index(void) {
+#ifdef _OPENMP
+    return omp_get_thread_num();
+#else
+    return 0;
+#endif
+}
+
+/* PyTorch's lerp: start + w * (end - start) for w < 0.5, end - (end - start) * (1 - w) otherwise. */
+static double lerp(double start, double end, double w) {
+    return w < 0.5 ? start + w * (end - start) : end - (end - start) * (1.0 - w);
+}
+
+static inline float bf16_load(uint16_t v) {
+    uint32_t bits = (uint32_t)v << 16;
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+static inline uint16_t bf16_store(float f) {
+    uint32_t bits;
+    memcpy(&bits, &f, sizeof bits);
+    uint32_t rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
+    return (uint16_t)(f != f ? 0x7fc0u : rounded); /* NaN as PyTorch writes it */
+}
+
+#define CAT2(a, b) a##_##b
+#define CAT(a, b) CAT2(a, b)
+#define FN(name) CAT(name, SUFFIX)
+
+#define T float
+#define A float
+#define LOAD(v) (v)
+#define STORE(v) (v)
+#define SUFFIX f32
+#include "typed.h"
+#undef T
+#undef A
+#undef LOAD
+#undef STORE
+#undef SUFFIX
+
+#define T double
+#define A double
+#define LOAD(v) (v)
+#define STORE(v) (v)
+#define SUFFIX f64
+#include "typed.h"
+#undef T
+#undef A
+#undef LOAD
+#undef STORE
+#undef SUFFIX
+
+#define T uint16_t
+#define A float
+#define LOAD(v) bf16_load(v)
+#define STORE(v) bf16_store(v)
+#define SUFFIX bf16
+#include "typed.h"
+#undef T
+#undef A
+#undef LOAD
+#undef STORE
+#undef SUFFIX
+
+#ifdef __FLT16_MAX__
+#define HAVE_FLOAT16 1
+#define T _Float16
+#define A float
+#define LOAD(v) ((float)(v))
+#define STORE(v) ((_Float16)(v))
+#define SUFFIX f16
+#include "typed.h"
+#undef T
+#undef A
+#undef LOAD
+#undef STORE
+#undef SUFFIX
+#else
+#define HAVE_FLOAT16 0
+#endif
+
+/* Version of this interface; batchnorm.native refuses a library reporting another. */
+int bn_version(void) { return 1; }
+
+/* Whether this build has kernels for the dtype code. */
+int bn_supports(int dtype) {
+    return dtype == BN_FLOAT32 || dtype == BN_FLOAT64 || dtype == BN_BFLOAT16 || (dtype == BN_FLOAT16 && HAVE_FLOAT16);
+}
+
+/* Threads a region over numel values would use now. */
+int bn_team_size(int64_t numel) { return team_size(numel); }
+
+/*
+ * Training forward on a contiguous (B, C, S) tensor x. Writes y (unless NULL),
+ * and mean_out, invstd_out, var_out (biased) where not NULL. When every mean
+ * and variance is finite and running_mean/running_var are given, blends the
+ * batch mean and unbiased variance into them with weight momentum (momentum < 0:
+ * 1 / (*counter + 1)) and increments *counter (unless NULL).
+ * Per-feature pointers are of the accumulation type (float; double for float64 x).
+ * Returns 0, 1 for a batch with a non-finite statistic (nothing blended or
+ * counted), -1 for an unsupported dtype, -2 when memory ran out.
+ */
+int bn_forward(int dtype, const void *x, void *y, int64_t B, int64_t C, int64_t S, const void *weight,
+               const void *bias, void *mean_out, void *invstd_out, void *var_out, void *running_mean,
+               void *running_var, double momentum, int64_t *counter, double eps) {
+    switch (dtype) {
+    case BN_FLOAT32:
+        return forward_f32(x, y, B, C, S, weight, bias, mean_out, invstd_out, var_out, running_mean, running_var,
+                           momentum, counter, eps);
+    case BN_FLOAT64:
+        return forward_f64(x, y, B, C, S, weight, bias, mean_out, invstd_out, var_out, running_mean, running_var,
+                           momentum, counter, eps);
+    case BN_BFLOAT16:
+        return forward_bf16(x, y, B, C, S, weight, bias, mean_out, invstd_out, var_out, running_mean, running_var,
+                            momentum, counter, eps);
+#if HAVE_FLOAT16
+    case BN_FLOAT16:
+        return forward_f16(x, y, B, C, S, weight, bias, mean_out, invstd_out, var_out, running_mean, running_var,
+                           momentum, counter, eps);
+#endif
+    default:
+        return -1;
+    }
+}
+
+/*
+ * Training backward: grad_weight = sum(dy * x_hat), grad_bias = sum(dy) and,
+ * unless dx is NULL, dx = gain * (dy - mean(dy) - x_hat * mean(dy * x_hat)),
+ * gain = invstd * weight. One pass over x and dy for both sums, one for dx.
+ */
+int bn_backward(int dtype, const void *dy, const void *x, void *dx, int64_t B, int64_t C, int64_t S,
+                const void *mean, const void *invstd, const void *weight, void *grad_weight, void *grad_bias) {
+    switch (dtype) {
+    case BN_FLOAT32:
+        return backward_f32(dy, x, dx, B, C, S, mean, invstd, weight, grad_weight, grad_bias);
+    case BN_FLOAT64:
+        return backward_f64(dy, x, dx, B, C, S, mean, invstd, weight, grad_weight, grad_bias);
+    case BN_BFLOAT16:
+        return backward_bf16(dy, x, dx, B, C, S, mean, invstd, weight, grad_weight, grad_bias);
+#if HAVE_FLOAT16
+    case BN_FLOAT16:
+        return backward_f16(dy, x, dx, B, C, S, mean, invstd, weight, grad_weight, grad_bias);
+#endif
+    default:
+        return -1;
+    }
+}
+
+/* Eval: y = (x - running_mean) * (weight / sqrt(running_var + eps)) + bias. */
+int bn_inference(int dtype, const void *x, void *y, int64_t B, int64_t C, int64_t S, const void *running_mean,
+                 const void *running_var, const void *weight, const void *bias, double eps) {
+    switch (dtype) {
+    case BN_FLOAT32:
+        return inference_f32(x, y, B, C, S, running_mean, running_var, weight, bias, eps);
+    case BN_FLOAT64:
+        return inference_f64(x, y, B, C, S, running_mean, running_var, weight, bias, eps);
+    case BN_BFLOAT16:
+        return inference_bf16(x, y, B, C, S, running_mean, running_var, weight, bias, eps);
+#if HAVE_FLOAT16
+    case BN_FLOAT16:
+        return inference_f16(x, y, B, C, S, running_mean, running_var, weight, bias, eps);
+#endif
+    default:
+        return -1;
+    }
+}

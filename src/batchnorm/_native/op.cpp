@@ -1,0 +1,335 @@
+// PyTorch operators over the C kernels of batchnorm.c, with their autograd in C++.
+//
+//   batchnorm::train      training forward, running-statistics update included; differentiable
+//                         (first derivatives by the native backward kernel, higher ones by a
+//                         composite of ATen operations); returns (None, -1) for arguments it does
+//                         not take as they are, having done nothing
+//   batchnorm::inference  eval forward, None when a gradient is needed or the arguments do not fit
+//   batchnorm::forward    training forward returning (y, stats = [mean; inv_std; var]), no autograd
+//   batchnorm::backward   (dx, dweight, dbias) from (dy, x, stats), no autograd
+//
+// The kernels read an input whose memory is a dense (B, C, S) block (contiguous, or features
+// innermost with the other axes dense) and per-feature tensors that are contiguous (C,) CPU
+// tensors of the accumulation dtype (float32; float64 for float64 inputs). train and inference
+// check that themselves (cheaply, in C++) and decline otherwise; forward and backward are given
+// such tensors by batchnorm/kernels.py.
+#include <ATen/ATen.h>
+#include <torch/csrc/autograd/custom_function.h>
+#include <torch/library.h>
+
+#include <cstdint>
+#include <optional>
+#include <tuple>
+#include <vector>
+
+extern "C" {
+int bn_forward(int dtype, const void *x, void *y, int64_t B, int64_t C, int64_t S, const void *weight,
+               const void *bias, void *mean_out, void *invstd_out, void *var_out, void *running_mean,
+               void *running_var, double momentum, int64_t *counter, double eps);
+int bn_backward(int dtype, const void *dy, const void *x, void *dx, int64_t B, int64_t C, int64_t S,
+                const void *mean, const void *invstd, const void *weight, void *grad_weight, void *grad_bias);
+int bn_inference(int dtype, const void *x, void *y, int64_t B, int64_t C, int64_t S, const void *running_mean,
+                 const void *running_var, const void *weight, const void *bias, double eps);
+}
+
+namespace {
+
+using at::Tensor;
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+int dtype_code(const Tensor &x) {
+    switch (x.scalar_type()) {
+    case at::kFloat:
+        return 0;
+    case at::kDouble:
+        return 1;
+    case at::kBFloat16:
+        return 2;
+    case at::kHalf:
+        return 3;
+    default:
+        TORCH_CHECK(false, "batchnorm native kernels: unsupported dtype ", x.scalar_type());
+    }
+}
+
+at::ScalarType accumulation(const Tensor &x) { return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
+
+void check_status(int status, const char *what) {
+    TORCH_CHECK(status >= 0, "batchnorm native ", what, " kernel failed: ",
+                status == -1 ? "unsupported dtype" : "out of memory");
+}
+
+const void *data_or_null(const Tensor &t) { return t.defined() ? t.const_data_ptr() : nullptr; }
+void *mutable_or_null(const Tensor &t) { return t.defined() ? t.mutable_data_ptr() : nullptr; }
+
+struct Sizes {
+    int64_t batches, features, positions;
+};
+
+Sizes unpack(at::IntArrayRef sizes, const Tensor &x) {
+    TORCH_CHECK(sizes.size() == 3, "batchnorm native kernels: sizes must be [B, C, S]");
+    TORCH_CHECK(x.device().is_cpu(), "batchnorm native kernels: CPU tensors only");
+    TORCH_CHECK(sizes[0] * sizes[1] * sizes[2] == x.numel(), "batchnorm native kernels: sizes do not match the input");
+    return {sizes[0], sizes[1], sizes[2]};
+}
+
+// dy in x's memory layout (empty_like keeps the strides of a dense tensor).
+Tensor like_input(const Tensor &dy, const Tensor &x) {
+    if (dy.strides() == x.strides()) return dy;
+    return at::empty_like(x).copy_(dy);
+}
+
+// Forward; `stats` rows: mean, inv_std (and var when it has 3 rows).
+bool run_forward(const Tensor &x, const Tensor &y, const Sizes &s, const Tensor &weight, const Tensor &bias,
+                 const Tensor &stats, const Tensor &running_mean, const Tensor &running_var, double momentum,
+                 const Tensor &counter, double eps) {
+    char *base = static_cast<char *>(stats.mutable_data_ptr());
+    int64_t step = s.features * static_cast<int64_t>(stats.element_size());
+    int status = bn_forward(dtype_code(x), x.const_data_ptr(), y.mutable_data_ptr(), s.batches, s.features,
+                            s.positions, data_or_null(weight), data_or_null(bias), base, base + step,
+                            stats.size(0) > 2 ? base + 2 * step : nullptr, mutable_or_null(running_mean),
+                            mutable_or_null(running_var), momentum,
+                            counter.defined() ? counter.mutable_data_ptr<int64_t>() : nullptr, eps);
+    check_status(status, "forward");
+    return status == 0;
+}
+
+std::tuple<Tensor, Tensor, Tensor> run_backward(const Tensor &dy, const Tensor &x, const Sizes &s,
+                                                const Tensor &stats, const Tensor &weight, bool need_input) {
+    Tensor grad = like_input(dy, x);
+    Tensor dx = need_input ? at::empty_like(x) : Tensor();
+    Tensor dweight = at::empty({s.features}, stats.options()), dbias = at::empty({s.features}, stats.options());
+    char *base = static_cast<char *>(stats.mutable_data_ptr());
+    int64_t step = s.features * static_cast<int64_t>(stats.element_size());
+    int status = bn_backward(dtype_code(x), grad.const_data_ptr(), x.const_data_ptr(), mutable_or_null(dx),
+                             s.batches, s.features, s.positions, base, base + step, data_or_null(weight),
+                             dweight.mutable_data_ptr(), dbias.mutable_data_ptr());
+    check_status(status, "backward");
+    return {dx, dweight, dbias};
+}
+
+// The gradients as differentiable ATen operations (create_graph=True): statistics recomputed from x.
+std::tuple<Tensor, Tensor, Tensor> composite_backward(const Tensor &dy, const Tensor &x, int64_t feature,
+                                                      const Tensor &weight, double eps, bool need_input) {
+    auto acc = accumulation(x);
+    std::vector<int64_t> dims;
+    for (int64_t d = 0; d < x.dim(); d++)
+        if (d != feature) dims.push_back(d);
+    std::vector<int64_t> broadcast(x.dim(), 1);
+    int64_t features = x.size(feature);
+    broadcast[feature] = features;
+    double count = static_cast<double>(x.numel() / features);
+    Tensor xa = x.to(acc), g = dy.to(acc);
+    auto [var, mean] = at::var_mean(xa, dims, at::Scalar(0), true);
+    Tensor inv_std = at::rsqrt(var + eps);
+    Tensor x_hat = (xa - mean) * inv_std;
+    Tensor sum_dy = g.sum(dims, true);
+    Tensor sum_dy_x_hat = (g * x_hat).sum(dims, true);
+    Tensor dx;
+    if (need_input) {
+        Tensor gain = weight.defined() ? inv_std * weight.to(acc).view(broadcast) : inv_std;
+        dx = (gain * (g - sum_dy / count - x_hat * (sum_dy_x_hat / count))).to(x.scalar_type());
+    }
+    return {dx, sum_dy_x_hat.view({features}), sum_dy.view({features})};
+}
+
+// The buffers a training call updates: not inputs of the autograd function (no gradient flows to them).
+struct Buffers {
+    Tensor running_mean, running_var, counter;
+};
+
+struct Train : public torch::autograd::Function<Train> {
+    static Tensor forward(AutogradContext *ctx, Tensor x, std::optional<Tensor> weight, std::optional<Tensor> bias,
+                          const Buffers *buffers, int64_t feature, std::vector<int64_t> sizes, double momentum,
+                          double eps, bool *finite) {
+        Sizes s = unpack(sizes, x);
+        Tensor w = weight.value_or(Tensor()), b = bias.value_or(Tensor());
+        Tensor y = at::empty_like(x);
+        Tensor stats = at::empty({2, s.features}, x.options().dtype(accumulation(x)));
+        *finite = run_forward(x, y, s, w, b, stats, buffers->running_mean, buffers->running_var, momentum,
+                              buffers->counter, eps);
+        ctx->save_for_backward({x, w, stats});
+        ctx->saved_data["has_weight"] = w.defined();
+        ctx->saved_data["has_bias"] = b.defined();
+        ctx->saved_data["feature"] = feature;
+        ctx->saved_data["sizes"] = sizes;
+        ctx->saved_data["eps"] = eps;
+        return y;
+    }
+
+    static variable_list backward(AutogradContext *ctx, variable_list grad_outputs) {
+        auto saved = ctx->get_saved_variables();
+        const Tensor &x = saved[0], &weight = saved[1], &stats = saved[2];
+        Tensor dy = grad_outputs[0];
+        // needs_input_grad counts the tensor inputs that were given: x, then weight and bias when present.
+        bool has_weight = ctx->saved_data["has_weight"].toBool(), has_bias = ctx->saved_data["has_bias"].toBool();
+        bool need_input = ctx->needs_input_grad(0);
+        bool need_weight = has_weight && ctx->needs_input_grad(1);
+        bool need_bias = has_bias && ctx->needs_input_grad(has_weight ? 2 : 1);
+        Tensor dx, dweight, dbias;
+        if (dy.defined()) {
+            if (at::GradMode::is_enabled()) {
+                std::tie(dx, dweight, dbias) = composite_backward(dy, x, ctx->saved_data["feature"].toInt(), weight,
+                                                                  ctx->saved_data["eps"].toDouble(), need_input);
+            } else {
+                auto sizes = ctx->saved_data["sizes"].toIntVector();
+                Sizes s{sizes[0], sizes[1], sizes[2]};
+                std::tie(dx, dweight, dbias) = run_backward(dy, x, s, stats, weight, need_input);
+            }
+        }
+        if (!need_weight || !dweight.defined()) {
+            dweight = Tensor();
+        } else if (dweight.scalar_type() != weight.scalar_type()) {
+            dweight = dweight.to(weight.scalar_type());
+        }
+        if (!need_bias || !dbias.defined()) {
+            dbias = Tensor();
+        } else {
+            auto dtype = weight.defined() ? weight.scalar_type() : dy.scalar_type();
+            if (dbias.scalar_type() != dtype) dbias = dbias.to(dtype);
+        }
+        return {need_input ? dx : Tensor(), dweight, dbias, Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
+    }
+};
+
+Tensor value_or_undefined(const std::optional<Tensor> &t) { return t.has_value() ? *t : Tensor(); }
+
+bool supported(const Tensor &x) {
+    auto t = x.scalar_type();
+    return t == at::kFloat || t == at::kDouble || t == at::kBFloat16 || t == at::kHalf;
+}
+
+// The (B, C, S) block of x's memory with features at `axis`, when the kernels can take x as it is:
+// a CPU tensor of a supported dtype, non-empty, contiguous or with the features innermost and every
+// other axis dense (channels-last, (N, L, C) sequences). Returns false otherwise.
+bool dense_block(const Tensor &x, int64_t axis, int64_t &feature, Sizes &s) {
+    if (!x.defined() || !x.device().is_cpu() || !supported(x)) return false;
+    int64_t dims = x.dim();
+    if (dims == 0 || axis < -dims || axis >= dims) return false;
+    feature = axis < 0 ? axis + dims : axis;
+    int64_t numel = x.numel(), features = x.size(feature);
+    if (numel == 0) return false;
+    if (x.is_contiguous()) {
+        int64_t blocks = 1;
+        for (int64_t d = 0; d < feature; d++) blocks *= x.size(d);
+        s = {blocks, features, numel / (blocks * features)};
+        return true;
+    }
+    if (features > 1 && x.stride(feature) != 1) return false;
+    int64_t expected = features;
+    for (int64_t d = dims - 1; d >= 0; d--) {
+        if (d == feature || x.size(d) == 1) continue;
+        if (x.stride(d) != expected) return false;
+        expected *= x.size(d);
+    }
+    s = {numel / features, features, 1};
+    return true;
+}
+
+// None, or a contiguous (C,) CPU tensor of the accumulation dtype.
+bool plain_vector(const std::optional<Tensor> &v, at::ScalarType acc, int64_t features) {
+    if (!v.has_value() || !v->defined()) return true;
+    return v->scalar_type() == acc && v->dim() == 1 && v->size(0) == features && v->device().is_cpu() &&
+           v->is_contiguous();
+}
+
+bool needs_grad(const Tensor &x, const Tensor &w, const Tensor &b) {
+    return at::GradMode::is_enabled() &&
+           (x.requires_grad() || (w.defined() && w.requires_grad()) || (b.defined() && b.requires_grad()));
+}
+
+// Training with the running-statistics update. Status: 0 done, 1 done but a statistic was not finite
+// (buffers and counter unchanged), -1 not taken (arguments the kernels do not take as they are:
+// the caller's general path handles them; nothing was done and the output is None).
+std::tuple<std::optional<Tensor>, int64_t> train(const Tensor &x, const std::optional<Tensor> &weight,
+                                                 const std::optional<Tensor> &bias,
+                                                 const std::optional<Tensor> &running_mean,
+                                                 const std::optional<Tensor> &running_var,
+                                                 const std::optional<Tensor> &counter, int64_t axis,
+                                                 double momentum, double eps) {
+    int64_t feature;
+    Sizes s;
+    if (!dense_block(x, axis, feature, s) || s.batches * s.positions <= 1 || !(eps > 0)) return {std::nullopt, -1};
+    auto acc = accumulation(x);
+    if (!plain_vector(weight, acc, s.features) || !plain_vector(bias, acc, s.features) ||
+        !plain_vector(running_mean, acc, s.features) || !plain_vector(running_var, acc, s.features))
+        return {std::nullopt, -1};
+    Tensor w = value_or_undefined(weight), b = value_or_undefined(bias);
+    Tensor rm = value_or_undefined(running_mean), rv = value_or_undefined(running_var);
+    Tensor n = value_or_undefined(counter);
+    if (rm.defined() != rv.defined() || (rm.defined() && (rm.requires_grad() || rv.requires_grad())))
+        return {std::nullopt, -1};
+    if (n.defined() && !(n.scalar_type() == at::kLong && n.numel() == 1 && n.device().is_cpu()))
+        return {std::nullopt, -1};
+    bool cumulative = momentum < 0;
+    if ((cumulative && !n.defined()) || (!cumulative && !(momentum <= 1.0))) return {std::nullopt, -1};
+    bool finite = true;
+    if (needs_grad(x, w, b)) {
+        Buffers buffers{rm, rv, n};
+        std::vector<int64_t> sizes{s.batches, s.features, s.positions};
+        Tensor y = Train::apply(x, weight, bias, &buffers, feature, sizes, momentum, eps, &finite);
+        return {y, finite ? 0 : 1};
+    }
+    Tensor y = at::empty_like(x);
+    Tensor stats = at::empty({2, s.features}, x.options().dtype(acc));
+    finite = run_forward(x, y, s, w, b, stats, rm, rv, momentum, n, eps);
+    return {y, finite ? 0 : 1};
+}
+
+// Eval; None when not taken (see train) or when a gradient is needed.
+std::optional<Tensor> inference(const Tensor &x, const Tensor &running_mean, const Tensor &running_var,
+                                const std::optional<Tensor> &weight, const std::optional<Tensor> &bias, int64_t axis,
+                                double eps) {
+    int64_t feature;
+    Sizes s;
+    if (!dense_block(x, axis, feature, s) || !(eps > 0)) return std::nullopt;
+    auto acc = accumulation(x);
+    if (!plain_vector(weight, acc, s.features) || !plain_vector(bias, acc, s.features) ||
+        !plain_vector(running_mean, acc, s.features) || !plain_vector(running_var, acc, s.features))
+        return std::nullopt;
+    Tensor w = value_or_undefined(weight), b = value_or_undefined(bias);
+    if (needs_grad(x, w, b)) return std::nullopt;
+    Tensor y = at::empty_like(x);
+    int status = bn_inference(dtype_code(x), x.const_data_ptr(), y.mutable_data_ptr(), s.batches, s.features,
+                              s.positions, running_mean.const_data_ptr(), running_var.const_data_ptr(),
+                              data_or_null(w), data_or_null(b), eps);
+    check_status(status, "inference");
+    return y;
+}
+
+std::tuple<Tensor, Tensor> forward(const Tensor &x, const std::optional<Tensor> &weight,
+                                   const std::optional<Tensor> &bias, at::IntArrayRef sizes, double eps) {
+    Sizes s = unpack(sizes, x);
+    Tensor y = at::empty_like(x);
+    Tensor stats = at::empty({3, s.features}, x.options().dtype(accumulation(x)));
+    run_forward(x, y, s, value_or_undefined(weight), value_or_undefined(bias), stats, Tensor(), Tensor(), 0.0,
+                Tensor(), eps);
+    return {y, stats};
+}
+
+std::tuple<Tensor, Tensor, Tensor> backward(const Tensor &dy, const Tensor &x, const Tensor &stats,
+                                            const std::optional<Tensor> &weight, at::IntArrayRef sizes,
+                                            bool need_input) {
+    Sizes s = unpack(sizes, x);
+    return run_backward(dy, x, s, stats, value_or_undefined(weight), need_input);
+}
+
+} // namespace
+
+TORCH_LIBRARY(batchnorm, m) {
+    m.def("train(Tensor x, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, Tensor(b!)? running_var, "
+          "Tensor(c!)? counter, int axis, float momentum, float eps) -> (Tensor?, int)");
+    m.def("forward(Tensor x, Tensor? weight, Tensor? bias, int[] sizes, float eps) -> (Tensor, Tensor)");
+    m.def("backward(Tensor dy, Tensor x, Tensor stats, Tensor? weight, int[] sizes, bool need_input) "
+          "-> (Tensor, Tensor, Tensor)");
+    m.def("inference(Tensor x, Tensor running_mean, Tensor running_var, Tensor? weight, Tensor? bias, int axis, "
+          "float eps) -> Tensor?");
+}
+
+TORCH_LIBRARY_IMPL(batchnorm, CompositeImplicitAutograd, m) {
+    m.impl("train", train);
+    m.impl("forward", forward);
+    m.impl("backward", backward);
+    m.impl("inference", inference);
+}

@@ -1,0 +1,379 @@
+/*
+ * Batch-norm kernels for one element type. batchnorm.c includes this file
+ * once per type, with these macros defined:
+ *
+ *   T          the element type in memory (float, double, uint16_t for bfloat16, _Float16)
+ *   A          the accumulation type (float, or double for double)
+ *   LOAD(v)    T -> A
+ *   STORE(v)   A -> T, rounded to nearest even
+ *   FN(name)   name##_<type>
+ *
+ * Every tensor is a contiguous (B, C, S) view: C features, B blocks before the
+ * feature axis and S positions after it. S == 1 is the feature-last layout (an
+ * (M, C) matrix: dense, channels-last, sequences), S > 1 channels-first.
+ * Per-feature vectors (shift, mean, scales) are A arrays of C values.
+ */
+
+/* Shift of the one-pass sums: the mean of each feature's first SHIFT_ROWS rows (feature-last) or first
+   SHIFT_SAMPLES positions (channels-first). */
+static void FN(shift)(const T *x, int64_t B, int64_t C, int64_t S, double *k) {
+    if (S == 1) {
+        int64_t n = B < SHIFT_ROWS ? B : SHIFT_ROWS;
+        for (int64_t c = 0; c < C; c++) k[c] = 0.0;
+        for (int64_t m = 0; m < n; m++) {
+            const T *row = x + m * C;
+            for (int64_t c = 0; c < C; c++) k[c] += (double)LOAD(row[c]);
+        }
+        for (int64_t c = 0; c < C; c++) k[c] /= (double)n;
+    } else {
+        int64_t n = S < SHIFT_SAMPLES ? S : SHIFT_SAMPLES;
+        for (int64_t c = 0; c < C; c++) {
+            const T *row = x + c * S;
+            double acc = 0.0;
+            for (int64_t s = 0; s < n; s++) acc += (double)LOAD(row[s]);
+            k[c] = acc / (double)n;
+        }
+    }
+}
+
+/*
+ * Feature-last pair of sums over rows [r0, r1), added into s1 and s2 (C doubles each):
+ *   dy == NULL:  s1 += sum(x - k),  s2 += sum((x - k)^2)
+ *   otherwise:   s1 += sum(dy),     s2 += sum(dy * (x - k))
+ * Blocks of ROWS rows by CHUNK features are summed in A (registers), then added in double.
+ */
+static void FN(sums_rows)(const T *x, const T *dy, int64_t r0, int64_t r1, int64_t C, const A *k, double *s1,
+                          double *s2) {
+    for (int64_t rb = r0; rb < r1; rb += ROWS) {
+        int64_t re = rb + ROWS < r1 ? rb + ROWS : r1;
+        int64_t c0 = 0;
+        for (; c0 + CHUNK <= C; c0 += CHUNK) {
+            A a1[CHUNK], a2[CHUNK], kc[CHUNK];
+            for (int j = 0; j < CHUNK; j++) {
+                a1[j] = 0;
+                a2[j] = 0;
+                kc[j] = k[c0 + j];
+            }
+            if (dy == NULL) {
+                for (int64_t m = rb; m < re; m++) {
+                    const T *xr = x + m * C + c0;
+                    for (int j = 0; j < CHUNK; j++) {
+                        A u = LOAD(xr[j]) - kc[j];
+                        a1[j] += u;
+                        a2[j] += u * u;
+                    }
+                }
+            } else {
+                for (int64_t m = rb; m < re; m++) {
+                    const T *xr = x + m * C + c0;
+                    const T *gr = dy + m * C + c0;
+                    for (int j = 0; j < CHUNK; j++) {
+                        A g = LOAD(gr[j]);
+                        a1[j] += g;
+                        a2[j] += g * (LOAD(xr[j]) - kc[j]);
+                    }
+                }
+            }
+            for (int j = 0; j < CHUNK; j++) {
+                s1[c0 + j] += (double)a1[j];
+                s2[c0 + j] += (double)a2[j];
+            }
+        }
+        if (c0 < C) {
+            int64_t n = C - c0;
+            A a1[CHUNK], a2[CHUNK];
+            for (int64_t j = 0; j < n; j++) {
+                a1[j] = 0;
+                a2[j] = 0;
+            }
+            for (int64_t m = rb; m < re; m++) {
+                const T *xr = x + m * C + c0;
+                if (dy == NULL) {
+                    for (int64_t j = 0; j < n; j++) {
+                        A u = LOAD(xr[j]) - k[c0 + j];
+                        a1[j] += u;
+                        a2[j] += u * u;
+                    }
+                } else {
+                    const T *gr = dy + m * C + c0;
+                    for (int64_t j = 0; j < n; j++) {
+                        A g = LOAD(gr[j]);
+                        a1[j] += g;
+                        a2[j] += g * (LOAD(xr[j]) - k[c0 + j]);
+                    }
+                }
+            }
+            for (int64_t j = 0; j < n; j++) {
+                s1[c0 + j] += (double)a1[j];
+                s2[c0 + j] += (double)a2[j];
+            }
+        }
+    }
+}
+
+/* Channels-first pair of sums (same two modes) for feature c over all B rows of S positions. */
+static void FN(sums_feature)(const T *x, const T *dy, int64_t B, int64_t C, int64_t S, int64_t c, A kc, double *s1,
+                             double *s2) {
+    double t1 = 0.0, t2 = 0.0;
+    for (int64_t b = 0; b < B; b++) {
+        const T *xr = x + (b * C + c) * S;
+        const T *gr = dy == NULL ? NULL : dy + (b * C + c) * S;
+        for (int64_t s0 = 0; s0 < S; s0 += SPAN) {
+            int64_t n = S - s0 < SPAN ? S - s0 : SPAN;
+            A v1[LANES], v2[LANES];
+            for (int j = 0; j < LANES; j++) {
+                v1[j] = 0;
+                v2[j] = 0;
+            }
+            int64_t s = 0;
+            if (gr == NULL) {
+                for (; s + LANES <= n; s += LANES) {
+                    for (int j = 0; j < LANES; j++) {
+                        A u = LOAD(xr[s0 + s + j]) - kc;
+                        v1[j] += u;
+                        v2[j] += u * u;
+                    }
+                }
+                for (; s < n; s++) {
+                    A u = LOAD(xr[s0 + s]) - kc;
+                    v1[0] += u;
+                    v2[0] += u * u;
+                }
+            } else {
+                for (; s + LANES <= n; s += LANES) {
+                    for (int j = 0; j < LANES; j++) {
+                        A g = LOAD(gr[s0 + s + j]);
+                        v1[j] += g;
+                        v2[j] += g * (LOAD(xr[s0 + s + j]) - kc);
+                    }
+                }
+                for (; s < n; s++) {
+                    A g = LOAD(gr[s0 + s]);
+                    v1[0] += g;
+                    v2[0] += g * (LOAD(xr[s0 + s]) - kc);
+                }
+            }
+            for (int j = 0; j < LANES; j++) {
+                t1 += (double)v1[j];
+                t2 += (double)v2[j];
+            }
+        }
+    }
+    *s1 = t1;
+    *s2 = t2;
+}
+
+/* Both sums for every feature, in double, with the threads of the (shared) OpenMP runtime. */
+static int FN(sums)(const T *x, const T *dy, int64_t B, int64_t C, int64_t S, const A *k, double *s1, double *s2) {
+    int threads = team_size(B * C * S);
+    if (S == 1) {
+        if (threads == 1) {
+            for (int64_t c = 0; c < C; c++) s1[c] = s2[c] = 0.0;
+            FN(sums_rows)(x, dy, 0, B, C, k, s1, s2);
+            return 0;
+        }
+        double *part = (double *)calloc((size_t)threads * 2 * (size_t)C, sizeof(double));
+        if (part == NULL) return -2;
+#pragma omp parallel num_threads(threads)
+        {
+            int t = thread_index();
+            int64_t r0 = B * t / threads, r1 = B * (t + 1) / threads;
+            FN(sums_rows)(x, dy, r0, r1, C, k, part + (size_t)t * 2 * C, part + (size_t)t * 2 * C + C);
+        }
+        for (int64_t c = 0; c < C; c++) {
+            double a = 0.0, b = 0.0;
+            for (int t = 0; t < threads; t++) {
+                a += part[(size_t)t * 2 * C + c];
+                b += part[(size_t)t * 2 * C + C + c];
+            }
+            s1[c] = a;
+            s2[c] = b;
+        }
+        free(part);
+    } else if (threads == 1) {
+        for (int64_t c = 0; c < C; c++) FN(sums_feature)(x, dy, B, C, S, c, k[c], s1 + c, s2 + c);
+    } else {
+#pragma omp parallel for num_threads(threads) schedule(static)
+        for (int64_t c = 0; c < C; c++) FN(sums_feature)(x, dy, B, C, S, c, k[c], s1 + c, s2 + c);
+    }
+    return 0;
+}
+
+/* y = (x - center) * scale + offset for rows [r0, r1) of the (B * C, S) or (B, C) matrix. */
+static void FN(affine_rows)(const T *x, T *y, int64_t r0, int64_t r1, int64_t C, int64_t S, const A *center,
+                            const A *scale, const A *offset) {
+    if (S == 1) {
+        for (int64_t m = r0; m < r1; m++) {
+            const T *xr = x + m * C;
+            T *yr = y + m * C;
+            for (int64_t c = 0; c < C; c++) yr[c] = STORE((LOAD(xr[c]) - center[c]) * scale[c] + offset[c]);
+        }
+    } else {
+        for (int64_t row = r0; row < r1; row++) {
+            int64_t c = row % C;
+            const A mc = center[c], sc = scale[c], oc = offset[c];
+            const T *xr = x + row * S;
+            T *yr = y + row * S;
+            for (int64_t s = 0; s < S; s++) yr[s] = STORE((LOAD(xr[s]) - mc) * sc + oc);
+        }
+    }
+}
+
+static void FN(affine)(const T *x, T *y, int64_t B, int64_t C, int64_t S, const A *center, const A *scale,
+                       const A *offset) {
+    int threads = team_size(B * C * S);
+    int64_t rows = S == 1 ? B : B * C;
+    if (threads == 1) {
+        FN(affine_rows)(x, y, 0, rows, C, S, center, scale, offset);
+        return;
+    }
+#pragma omp parallel num_threads(threads)
+    {
+        int t = thread_index();
+        FN(affine_rows)(x, y, rows * t / threads, rows * (t + 1) / threads, C, S, center, scale, offset);
+    }
+}
+
+/* dx = dy * gain + offset - (x - center) * slope for rows [r0, r1). */
+static void FN(input_grad_rows)(const T *dy, const T *x, T *dx, int64_t r0, int64_t r1, int64_t C, int64_t S,
+                                const A *center, const A *gain, const A *offset, const A *slope) {
+    if (S == 1) {
+        for (int64_t m = r0; m < r1; m++) {
+            const T *xr = x + m * C, *gr = dy + m * C;
+            T *dr = dx + m * C;
+            for (int64_t c = 0; c < C; c++)
+                dr[c] = STORE(LOAD(gr[c]) * gain[c] + offset[c] - (LOAD(xr[c]) - center[c]) * slope[c]);
+        }
+    } else {
+        for (int64_t row = r0; row < r1; row++) {
+            int64_t c = row % C;
+            const A mc = center[c], gc = gain[c], oc = offset[c], sc = slope[c];
+            const T *xr = x + row * S, *gr = dy + row * S;
+            T *dr = dx + row * S;
+            for (int64_t s = 0; s < S; s++) dr[s] = STORE(LOAD(gr[s]) * gc + oc - (LOAD(xr[s]) - mc) * sc);
+        }
+    }
+}
+
+static void FN(input_grad)(const T *dy, const T *x, T *dx, int64_t B, int64_t C, int64_t S, const A *center,
+                           const A *gain, const A *offset, const A *slope) {
+    int threads = team_size(B * C * S);
+    int64_t rows = S == 1 ? B : B * C;
+    if (threads == 1) {
+        FN(input_grad_rows)(dy, x, dx, 0, rows, C, S, center, gain, offset, slope);
+        return;
+    }
+#pragma omp parallel num_threads(threads)
+    {
+        int t = thread_index();
+        FN(input_grad_rows)(dy, x, dx, rows * t / threads, rows * (t + 1) / threads, C, S, center, gain, offset,
+                            slope);
+    }
+}
+
+static int FN(forward)(const T *x, T *y, int64_t B, int64_t C, int64_t S, const A *weight, const A *bias, A *mean_out,
+                       A *invstd_out, A *var_out, A *running_mean, A *running_var, double momentum, int64_t *counter,
+                       double eps) {
+    const double count = (double)B * (double)S;
+    double *work = (double *)malloc(sizeof(double) * 5 * (size_t)C);
+    A *acc = (A *)malloc(sizeof(A) * 3 * (size_t)C);
+    if (work == NULL || acc == NULL) {
+        free(work);
+        free(acc);
+        return -2;
+    }
+    double *k = work, *s1 = work + C, *s2 = work + 2 * C, *mean = work + 3 * C, *var = work + 4 * C;
+    A *center = acc, *scale = acc + C, *offset = acc + 2 * C;
+    FN(shift)(x, B, C, S, k);
+    int status = 0;
+    for (int round = 0; round < 2; round++) {
+        for (int64_t c = 0; c < C; c++) center[c] = (A)k[c];
+        status = FN(sums)(x, NULL, B, C, S, center, s1, s2);
+        if (status != 0) break;
+        int far = 0;
+        for (int64_t c = 0; c < C; c++) {
+            double off = s1[c] / count;
+            double v = s2[c] / count - off * off;
+            v = v < 0.0 ? 0.0 : v;
+            mean[c] = (double)center[c] + off;
+            var[c] = v;
+            if (off * off > SHIFT_TOLERANCE * v) far = 1;
+        }
+        if (!far) break;
+        for (int64_t c = 0; c < C; c++) k[c] = mean[c];
+    }
+    if (status == 0) {
+        int finite = 1;
+        for (int64_t c = 0; c < C; c++) {
+            double inv = 1.0 / sqrt(var[c] + eps);
+            if (!isfinite(mean[c]) || !isfinite(var[c])) finite = 0;
+            center[c] = (A)mean[c];
+            scale[c] = (A)(weight == NULL ? inv : inv * (double)weight[c]);
+            offset[c] = bias == NULL ? (A)0 : bias[c];
+            if (mean_out != NULL) mean_out[c] = (A)mean[c];
+            if (invstd_out != NULL) invstd_out[c] = (A)inv;
+            if (var_out != NULL) var_out[c] = (A)var[c];
+        }
+        if (y != NULL) FN(affine)(x, y, B, C, S, center, scale, offset);
+        if (!finite) {
+            status = 1;
+        } else if (running_mean != NULL) {
+            double w = momentum;
+            if (w < 0.0) w = 1.0 / (double)(*counter + 1); /* cumulative average */
+            double unbias = count / (count - 1.0);
+            for (int64_t c = 0; c < C; c++) {
+                running_mean[c] = (A)lerp(running_mean[c], mean[c], w);
+                running_var[c] = (A)lerp(running_var[c], var[c] * unbias, w);
+            }
+            if (counter != NULL) *counter += 1;
+        }
+    }
+    free(work);
+    free(acc);
+    return status;
+}
+
+static int FN(backward)(const T *dy, const T *x, T *dx, int64_t B, int64_t C, int64_t S, const A *mean,
+                        const A *invstd, const A *weight, A *grad_weight, A *grad_bias) {
+    const double count = (double)B * (double)S;
+    double *work = (double *)malloc(sizeof(double) * 2 * (size_t)C);
+    A *acc = (A *)malloc(sizeof(A) * 3 * (size_t)C);
+    if (work == NULL || acc == NULL) {
+        free(work);
+        free(acc);
+        return -2;
+    }
+    double *s1 = work, *s2 = work + C;
+    int status = FN(sums)(x, dy, B, C, S, mean, s1, s2);
+    if (status == 0) {
+        A *gain = acc, *offset = acc + C, *slope = acc + 2 * C;
+        for (int64_t c = 0; c < C; c++) {
+            double inv = (double)invstd[c];
+            double g = weight == NULL ? inv : inv * (double)weight[c];
+            grad_weight[c] = (A)(s2[c] * inv);
+            grad_bias[c] = (A)s1[c];
+            gain[c] = (A)g;
+            offset[c] = (A)(-g * s1[c] / count);
+            slope[c] = (A)(g * inv * inv * s2[c] / count);
+        }
+        if (dx != NULL) FN(input_grad)(dy, x, dx, B, C, S, mean, gain, offset, slope);
+    }
+    free(work);
+    free(acc);
+    return status;
+}
+
+static int FN(inference)(const T *x, T *y, int64_t B, int64_t C, int64_t S, const A *running_mean,
+                         const A *running_var, const A *weight, const A *bias, double eps) {
+    A *acc = (A *)malloc(sizeof(A) * 2 * (size_t)C);
+    if (acc == NULL) return -2;
+    A *scale = acc, *offset = acc + C;
+    for (int64_t c = 0; c < C; c++) {
+        double inv = 1.0 / sqrt((double)running_var[c] + eps);
+        scale[c] = (A)(weight == NULL ? inv : inv * (double)weight[c]);
+        offset[c] = bias == NULL ? (A)0 : bias[c];
+    }
+    FN(affine)(x, y, B, C, S, running_mean, scale, offset);
+    free(acc);
+    return 0;
+}

@@ -1,0 +1,453 @@
+r"""Native CPU kernels: C kernels and a PyTorch operator with its autograd in C++, built on first use.
+
+The sources lie in this package: ``_native/batchnorm.c`` and ``_native/typed.h``
+(the kernels, plain C compiled with ``-O3 -march=native -fopenmp``) and
+``_native/op.cpp`` (the ``batchnorm::`` operators registered with PyTorch's
+dispatcher, whose backward is a C++ autograd node, so a training step
+crosses from Python into C++ once forward and never backward). Building
+takes 15-30 seconds with the system's compilers (``$CC``/``cc`` and
+``$CXX``/``c++``) against the installed PyTorch's headers; the library is
+cached under ``$BATCHNORM_CACHE_DIR`` (default ``$XDG_CACHE_HOME/batchnorm``,
+else ``~/.cache/batchnorm``), keyed by a hash of the sources, the compilers,
+the flags, the CPU and the PyTorch build, written atomically under a file
+lock, so concurrent processes build it once and later runs load it in
+milliseconds. ``make install`` builds it ahead of time (:func:`main`).
+
+When a compiler or PyTorch's headers are missing, compilation or loading
+fails, or ``BATCHNORM_NATIVE=0`` is set, :func:`available` returns False
+(:func:`failure` says why, also logged once on the ``batchnorm.native``
+logger) and :func:`batchnorm.kernels.plan` never picks these kernels.
+
+What the kernels compute (per feature ``c`` of the input's memory seen as a
+dense ``(B, C, S)`` block, see :func:`sizes`):
+
+* training forward: mean and biased variance from sums of ``x - k`` and
+  ``(x - k)^2``, one pass over ``x`` with ``k`` the mean of the feature's first
+  16 rows (feature-last) or 64 positions (channels-first), summed again
+  around the mean when ``(mean - k)^2 > 16 var``;
+  ``y = (x - mean) * (inv_std * weight) + bias``; then, only when every
+  statistic is finite, the running-statistics blend (PyTorch's conventions:
+  unbiased variance, ``lerp`` weight ``momentum``, or ``1 / (n + 1)`` for a
+  cumulative average) and the counter increment, in the same call;
+* training backward: ``sum(dy)`` and ``sum(dy * (x - mean))`` in one pass
+  over ``x`` and ``dy``, ``dx`` in a second; with ``create_graph=True`` a
+  composite of ATen operations, so higher derivatives exist;
+* eval: ``y = (x - running_mean) * (weight / sqrt(running_var + eps)) + bias``.
+
+float32, bfloat16 and float16 accumulate in float32 within blocks of at most a
+few hundred values and in float64 across blocks; float64 in float64.
+Statistics and per-feature tensors are float32 (float64 for float64 inputs).
+Work over at least 32,768 values is split across ``torch.get_num_threads()``
+threads of PyTorch's own OpenMP runtime (the library links ``libgomp.so.1``,
+which resolves to the copy PyTorch has loaded).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "DTYPES",
+    "NATIVE_ENV_VAR",
+    "available",
+    "build",
+    "code",
+    "failure",
+    "inference",
+    "library_path",
+    "sizes",
+    "supports",
+    "train",
+    "train_backward",
+    "train_forward",
+]
+
+logger = logging.getLogger(__name__)
+
+NATIVE_ENV_VAR = "BATCHNORM_NATIVE"
+_SOURCE_DIR = Path(__file__).with_name("_native")
+_SOURCES = ("batchnorm.c", "typed.h", "op.cpp")
+_C_FLAG_SETS = (
+    ["-O3", "-march=native", "-fopenmp"],
+    ["-O3", "-march=native"],
+    ["-O3"],
+)
+_CXX_STANDARDS = ("-std=c++20", "-std=c++17")
+
+#: dtype -> the code the kernels take.
+DTYPES: dict[torch.dtype, int] = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.float16: 3}
+
+
+def _cache_dir() -> Path:
+    explicit = os.environ.get("BATCHNORM_CACHE_DIR")
+    if explicit:
+        return Path(explicit)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "batchnorm"
+
+
+def _cpu_signature() -> str:
+    """What ``-march=native`` depends on: the CPU model and its feature flags."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.machine() + platform.processor()
+    wanted = [line for line in lines if line.startswith(("model name", "flags", "Features", "CPU part"))]
+    return "\n".join(sorted(set(wanted))) or platform.machine()
+
+
+def _version_text(compiler: str) -> str:
+    try:
+        result = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return result.stdout
+
+
+def _run(command: list[str]) -> str | None:
+    """Run a compiler command; ``None`` on success, else the last lines of its error output."""
+    try:
+        result = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
+    except (OSError, subprocess.SubprocessError) as error:
+        return str(error)
+    if result.returncode == 0:
+        return None
+    lines = [line for line in result.stderr.strip().splitlines() if "error" in line.lower()] or [
+        f"exit status {result.returncode}"
+    ]
+    return " | ".join(lines[:3])
+
+
+def _torch_flags() -> tuple[list[str], list[str]]:
+    """Include and link flags for PyTorch's C++ API, from the installed torch."""
+    root = Path(torch.__file__).parent
+    include = root / "include"
+    library = root / "lib"
+    abi = int(getattr(torch._C, "_GLIBCXX_USE_CXX11_ABI", 1))
+    compile_flags = [f"-D_GLIBCXX_USE_CXX11_ABI={abi}", f"-I{include}", f"-I{include / 'torch/csrc/api/include'}"]
+    link_flags = [f"-L{library}", "-lc10", "-ltorch_cpu", "-ltorch", f"-Wl,-rpath,{library}"]
+    return compile_flags, link_flags
+
+
+@contextlib.contextmanager
+def _build_lock(directory: Path) -> Iterator[None]:
+    """An exclusive lock on ``directory/build.lock`` (one process builds, the others wait and reuse)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not on POSIX
+        yield
+        return
+    with open(directory / "build.lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _compile(c_compiler: str, cxx_compiler: str, target: Path) -> str | None:
+    """Compile the kernels and the operators into ``target``; the reason when that fails."""
+    compile_flags, link_flags = _torch_flags()
+    with tempfile.TemporaryDirectory(prefix="batchnorm-build-", dir=target.parent) as work:
+        objects = Path(work) / "kernels.o"
+        problems = []
+        c_flags: list[str] | None = None
+        for flags in _C_FLAG_SETS:
+            problem = _run([c_compiler, *flags, "-std=gnu11", "-fPIC", "-c", str(_SOURCE_DIR / "batchnorm.c"),
+                            "-o", str(objects)])  # fmt: skip
+            if problem is None:
+                c_flags = flags
+                break
+            problems.append(f"{c_compiler} {' '.join(flags)}: {problem}")
+        if c_flags is None:
+            return "; ".join(problems)
+        library = Path(work) / "native.so"
+        openmp = ["-fopenmp"] if "-fopenmp" in c_flags else []
+        for standard in _CXX_STANDARDS:
+            problem = _run([cxx_compiler, "-O2", standard, "-fPIC", "-shared", *compile_flags,
+                            str(_SOURCE_DIR / "op.cpp"), str(objects), "-o", str(library),
+                            *link_flags, *openmp, "-lm"])  # fmt: skip
+            if problem is None:
+                os.replace(library, target)  # atomic: a reader sees no file or the whole file
+                return None
+            problems.append(f"{cxx_compiler} {standard}: {problem}")
+        return "; ".join(problems)
+
+
+class _Library:
+    """The loaded operators, built on first use; the first failure is remembered for the process."""
+
+    def __init__(self) -> None:
+        self.path: Path | None = None
+        self.problem: str | None = None
+        self.tried = False
+        self.loaded = False
+        self.lock = threading.Lock()
+
+    def get(self) -> bool:
+        if self.tried:
+            return self.loaded
+        with self.lock:
+            if not self.tried:
+                try:
+                    self.loaded = self._load()
+                except Exception as error:  # any failure means: no native kernels, say why once
+                    self.problem = f"{type(error).__name__}: {error}"
+                    self.loaded = False
+                if not self.loaded:
+                    logger.info("batchnorm: native kernels unavailable (%s)", self.problem)
+                self.tried = True
+        return self.loaded
+
+    def _load(self) -> bool:
+        setting = os.environ.get(NATIVE_ENV_VAR, "").strip().lower()
+        if setting in ("0", "no", "off", "false"):
+            self.problem = f"disabled by ${NATIVE_ENV_VAR}={setting}"
+            return False
+        if sys.platform == "win32":
+            self.problem = "the native kernels are built on Linux and macOS only"
+            return False
+        if hasattr(torch.ops, "batchnorm") and hasattr(torch.ops.batchnorm, "train"):
+            return _bind()  # already registered in this process
+        path = self._ensure_built()
+        if path is None:
+            return False
+        torch.ops.load_library(str(path))
+        self.path = path
+        return _bind()
+
+    def _ensure_built(self) -> Path | None:
+        c_compiler = shutil.which(os.environ.get("CC", "cc"))
+        cxx_compiler = shutil.which(os.environ.get("CXX", "c++"))
+        if c_compiler is None or cxx_compiler is None:
+            missing = [name for name, found in (("CC", c_compiler), ("CXX", cxx_compiler)) if found is None]
+            self.problem = f"no compiler found for {' and '.join(missing)} (cc and c++ by default)"
+            return None
+        if not (Path(torch.__file__).parent / "include" / "torch" / "library.h").exists():
+            self.problem = "this PyTorch installation has no C++ headers"
+            return None
+        digest = hashlib.sha256()
+        for name in _SOURCES:
+            digest.update((_SOURCE_DIR / name).read_bytes())
+        for part in (
+            _version_text(c_compiler),
+            _version_text(cxx_compiler),
+            repr((_C_FLAG_SETS, _CXX_STANDARDS, _torch_flags())),
+            _cpu_signature(),
+            torch.__version__,
+            str(getattr(torch.version, "git_version", "")),
+        ):
+            digest.update(part.encode())
+        directory = _cache_dir()
+        directory.mkdir(parents=True, exist_ok=True)
+        target = directory / f"native-{digest.hexdigest()[:20]}.so"
+        if target.exists():
+            return target
+        with _build_lock(directory):
+            if target.exists():  # another process built it while this one waited
+                return target
+            logger.warning("batchnorm: compiling the native kernels once (15-30 s) into %s", target)
+            problem = _compile(c_compiler, cxx_compiler, target)
+        if problem is not None:
+            self.problem = f"compilation failed: {problem}"
+            return None
+        return target
+
+
+_library = _Library()
+_ops: Any = None
+
+
+def _bind() -> bool:
+    global _ops
+    _ops = torch.ops.batchnorm
+    global _train, _forward, _backward, _inference
+    _train = _ops.train.default
+    _forward = _ops.forward.default
+    _backward = _ops.backward.default
+    _inference = _ops.inference.default
+    return True
+
+
+_train: Any = None
+_forward: Any = None
+_backward: Any = None
+_inference: Any = None
+
+
+def available() -> bool:
+    """Whether the native kernels are built and loaded (building them on the first call)."""
+    return _library.get()
+
+
+def failure() -> str | None:
+    """Why the native kernels are unavailable, or ``None`` (after :func:`available` was asked)."""
+    return _library.problem
+
+
+def library_path() -> Path | None:
+    """Where the loaded library lies, or ``None``."""
+    _library.get()
+    return _library.path
+
+
+def build() -> Path | None:
+    """Build (or find) and load the library; raise ``RuntimeError`` with the reason when that fails."""
+    if not available():
+        raise RuntimeError(f"native kernels unavailable: {failure()}")
+    return _library.path
+
+
+_CODES: dict[torch.dtype, int | None] = {}
+
+
+def code(dtype: torch.dtype) -> int | None:
+    """The C code of ``dtype`` when the loaded library has kernels for it, else ``None`` (builds on first call)."""
+    if dtype in _CODES:
+        return _CODES[dtype]
+    else:
+        value = DTYPES.get(dtype)
+        if not _library.get() or value is None:
+            value = None
+        _CODES[dtype] = value
+        return value
+
+
+def supports(dtype: torch.dtype) -> bool:
+    """Whether the loaded library has kernels for ``dtype`` (float16 needs a compiler with ``_Float16``)."""
+    return code(dtype) is not None
+
+
+def sizes(x: Tensor, feature: int) -> tuple[int, int, int] | None:
+    """``(B, C, S)`` when ``x``'s memory is a dense ``(B, C, S)`` block, else ``None``.
+
+    Two layouts qualify: contiguous (``B`` = the product of the sizes before
+    ``feature``, ``S`` of those after it), and feature-innermost with every
+    other axis dense (channels-last, ``(N, L, C)`` with ``axis=-1`` and their
+    permutations): ``(numel / C, C, 1)``. :func:`torch.empty_like` of such a
+    tensor has the same strides, so outputs need no view or copy.
+    """
+    shape = x.shape
+    features = shape[feature]
+    if x.is_contiguous():
+        blocks = 1
+        for size in shape[:feature]:
+            blocks *= size
+        return blocks, features, (x.numel() // (blocks * features)) if blocks * features else 0
+    if x.stride(feature) == 1 and x.movedim(feature, -1).is_contiguous():
+        return (x.numel() // features) if features else 0, features, 1
+    return None
+
+
+def train(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    counter: Tensor | None,
+    axis: int,
+    momentum: float | None,
+    eps: float,
+) -> tuple[Tensor | None, int]:
+    """Training forward, differentiable, running statistics updated: ``(y, status)``.
+
+    Status 0: done. 1: done, but a statistic was NaN or infinite, so neither
+    the buffers nor the counter changed (``y`` is still written). -1: not
+    taken, nothing done, ``y`` is ``None``: the kernels take ``x`` only when
+    it is a non-empty CPU tensor of a supported dtype whose memory is a dense
+    block (:func:`sizes`) with more than one value per feature, per-feature
+    tensors only when they are contiguous ``(C,)`` CPU tensors of the
+    accumulation dtype (float32; float64 for float64 ``x``) and running
+    statistics that need no gradient, the counter only as an int64 CPU
+    scalar, ``momentum`` in ``[0, 1]`` or ``None`` (the cumulative average
+    ``1 / (counter + 1)``, which needs the counter) and ``eps > 0``.
+    ``y`` has ``x``'s shape and strides.
+
+    Shape:
+        - x, y: ``(*, C, *)`` with ``C`` features at ``axis``; weight, bias, running stats: ``(C,)``; counter: ``()``.
+    """
+    result: tuple[Tensor | None, int] = _train(
+        x, weight, bias, running_mean, running_var, counter, axis, -1.0 if momentum is None else momentum, eps
+    )
+    return result
+
+
+def train_forward(
+    x: Tensor, shape: tuple[int, int, int], weight: Tensor | None, bias: Tensor | None, eps: float
+) -> tuple[Tensor, Tensor]:
+    """Training forward without autograd or buffers: ``(y, stats)``, ``stats`` rows mean, inv_std, biased var.
+
+    Shape:
+        - x, y: any dense layout of ``(B, C, S)``; weight, bias: ``(C,)``; stats: ``(3, C)``.
+    """
+    result: tuple[Tensor, Tensor] = _forward(x, weight, bias, shape, eps)
+    return result
+
+
+def train_backward(
+    grad_output: Tensor,
+    x: Tensor,
+    shape: tuple[int, int, int],
+    stats: Tensor,
+    weight: Tensor | None,
+    need_input_grad: bool = True,
+) -> tuple[Tensor | None, Tensor, Tensor]:
+    """Training backward: ``(dx or None, dweight, dbias)``, the last two in the accumulation dtype.
+
+    ``stats`` holds mean and inv_std in its first two rows (:func:`train_forward`'s).
+
+    Shape:
+        - grad_output, x, dx: dense layouts of ``(B, C, S)``; stats: ``(2, C)`` or ``(3, C)``;
+          weight, dweight, dbias: ``(C,)``.
+    """
+    grad_input, grad_weight, grad_bias = _backward(grad_output, x, stats, weight, shape, need_input_grad)
+    return (grad_input if need_input_grad else None), grad_weight, grad_bias
+
+
+def inference(
+    x: Tensor,
+    running_mean: Tensor,
+    running_var: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    axis: int,
+    eps: float,
+) -> Tensor | None:
+    """Eval: ``y = (x - running_mean) * (weight / sqrt(running_var + eps)) + bias``, ``y`` with ``x``'s strides.
+
+    ``None`` (nothing done) when a gradient is needed (the result is not
+    differentiable) or the arguments are not what the kernels take as they
+    are (see :func:`train`).
+
+    Shape:
+        - x, y: ``(*, C, *)`` with ``C`` features at ``axis``; the rest: ``(C,)``.
+    """
+    y: Tensor | None = _inference(x, running_mean, running_var, weight, bias, axis, eps)
+    return y
+
+
+def main() -> int:
+    """Build the library now and print where it is; 1 (with the reason on stderr) when it cannot be built."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if not available():
+        print(f"batchnorm: native kernels unavailable: {failure()}", file=sys.stderr)
+        return 1
+    print(library_path())
+    return 0
+
