@@ -359,7 +359,9 @@ def test_set_kernel_and_the_environment_variable(monkeypatch: pytest.MonkeyPatch
         assert kernels.get_kernel() == "torch"
         monkeypatch.setenv(kernels.KERNEL_ENV_VAR, "fastest")
         kernels.set_kernel(None)
-        with pytest.raises(ValueError, match=r"expected BATCHNORM_KERNEL to be one of auto, native, eager, compiled, torch"):
+        with pytest.raises(
+            ValueError, match=r"expected BATCHNORM_KERNEL to be one of auto, native, eager, compiled, torch"
+        ):
             kernels.get_kernel()
     finally:
         monkeypatch.delenv(kernels.KERNEL_ENV_VAR)
@@ -368,7 +370,9 @@ def test_set_kernel_and_the_environment_variable(monkeypatch: pytest.MonkeyPatch
 
 
 def test_an_unknown_kernel_is_rejected() -> None:
-    with pytest.raises(ValueError, match=r"expected kernel to be one of auto, native, eager, compiled, torch, got 'cuda'"):
+    with pytest.raises(
+        ValueError, match=r"expected kernel to be one of auto, native, eager, compiled, torch, got 'cuda'"
+    ):
         kernels.set_kernel("cuda")
     with pytest.raises(ValueError, match="got 'fast'"), kernels.use_kernel("fast"):
         pass

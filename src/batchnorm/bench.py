@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from batchnorm import functional, kernels
+from batchnorm import functional, kernels, native
 from batchnorm.cli import positive_int
 
 __all__ = ["SUITE", "Case", "configure_parser", "main", "run"]
@@ -559,6 +559,31 @@ def end_to_end(device: torch.device, repeats: int, steps: int, progress: Callabl
 # --- the verb ---------------------------------------------------------------------------
 
 
+def keep_freed_memory() -> str:
+    """Ask glibc's allocator to keep freed memory instead of returning it to the OS; describe the outcome.
+
+    A large tensor freed at the end of one call and allocated again by the next
+    otherwise goes back to the OS (``munmap`` or a heap trim) and comes back as
+    fresh pages, whose first-touch page faults cost about as much as batch
+    norm's own memory traffic (a 25 MB output: ~4 ms here) and vary from call
+    to call with the allocator's adaptive thresholds. Both sides allocate
+    through the same allocator, so this removes noise, not a difference;
+    jemalloc and tcmalloc, which PyTorch recommends for CPU training, behave
+    like this by default.
+    """
+    if not sys.platform.startswith("linux"):
+        return "allocator: system default"
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        ok = libc.mallopt(m_mmap_threshold, 1 << 30) == 1 and libc.mallopt(m_trim_threshold, 1 << 30) == 1
+    except (OSError, AttributeError):
+        return "allocator: system default (glibc mallopt unavailable)"
+    return "allocator: glibc, freed memory kept (mallopt)" if ok else "allocator: system default (mallopt refused)"
+
+
 def run(args: argparse.Namespace) -> int:
     """Run the benchmark described by ``args`` (see :func:`configure_parser`); return the exit code."""
     threads = getattr(args, "threads", None)
@@ -576,7 +601,14 @@ def run(args: argparse.Namespace) -> int:
     block_seconds = (args.block_ms or (8.0 if args.quick else 20.0)) / 1e3
     sync = _synchronizer(device)
 
+    allocator = keep_freed_memory() if device.type == "cpu" else "allocator: PyTorch's CUDA caching allocator"
+    native_kernels = (
+        f"native kernels: {native.library_path()}"
+        if native.available()
+        else (f"native kernels: unavailable ({native.failure()})")
+    )
     print(f"batchnorm bench: torch {torch.__version__}, device {device}, {torch.get_num_threads()} thread(s)")
+    print(f"{allocator}; {native_kernels}")
     if args.explain or args.explain_only:
         rows = []
         for case in cases:
@@ -643,6 +675,8 @@ def run(args: argparse.Namespace) -> int:
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "threads": torch.get_num_threads(),
+        "allocator": allocator,
+        "native_kernels": native_kernels,
         "repeats": repeats,
         "block_ms": block_seconds * 1e3,
         "bandwidth_gbps": bandwidth,

@@ -435,7 +435,11 @@ def _fast_training(
     runs is :func:`_torch_training_tracked`, inline.
     """
     feature = _fast_arguments(input, running_mean, running_var, weight, bias, momentum, eps, axis, nonfinite)
-    if feature is None or input.numel() // input.shape[feature] <= 1 or not kernels.torch_training_applies(input, feature):
+    if (
+        feature is None
+        or input.numel() // input.shape[feature] <= 1
+        or not kernels.torch_training_applies(input, feature)
+    ):
         return None
     assert momentum is not None  # _fast_arguments checked it is a float
     # _native_update_applies, inline
@@ -470,12 +474,10 @@ def _fast_training(
     return result
 
 
-
-
 def _native_training(
     input: Tensor,
-    running_mean: Tensor,
-    running_var: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
     weight: Tensor | None,
     bias: Tensor | None,
     momentum: float | None,
@@ -503,14 +505,16 @@ def _native_training(
     ):
         return None
     try:
-        y, status = native.train(input, weight, bias, running_mean, running_var, num_batches_tracked, axis, momentum, eps)
+        y, status = native.train(
+            input, weight, bias, running_mean, running_var, num_batches_tracked, axis, momentum, eps
+        )
     except TypeError:  # an argument of a type the operator's schema refuses
         return None
     if y is None:
         return None
     if status == 1 and nonfinite == "raise":
         raise NonfiniteBatchError(_NONFINITE_MESSAGE)
-    return y, status == 0
+    return y, status == 0 and running_mean is not None
 
 
 def _native_inference(
@@ -522,7 +526,7 @@ def _native_inference(
     eps: float,
     axis: int,
 ) -> Tensor | None:
-    """Eval on the native operator when nothing needs a gradient and it takes the arguments as they are; else ``None``."""
+    """Eval on the native operator when nothing needs a gradient and it takes the arguments; else ``None``."""
     if not (
         type(axis) is int
         and type(eps) is float
@@ -552,12 +556,13 @@ def batch_norm_with_status(
     nonfinite: NonfinitePolicy = "raise",
 ) -> tuple[Tensor, bool]:
     """:func:`batch_norm`, also returning whether running statistics were updated."""
-    if training and running_mean is not None and running_var is not None:
+    if training:
         result = _native_training(
             input, running_mean, running_var, weight, bias, momentum, eps, axis, num_batches_tracked, nonfinite
         )
         if result is not None:
             return result
+    if training and running_mean is not None and running_var is not None:
         result = _fast_training(
             input, running_mean, running_var, weight, bias, momentum, eps, axis, num_batches_tracked, nonfinite
         )

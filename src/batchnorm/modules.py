@@ -13,7 +13,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from batchnorm.functional import NONFINITE_POLICIES, NonfinitePolicy, _fast_training, batch_norm_with_status
+from batchnorm.functional import (
+    NONFINITE_POLICIES,
+    NonfinitePolicy,
+    _fast_training,
+    _native_inference,
+    _native_training,
+    batch_norm_with_status,
+)
 
 __all__ = ["BatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "convert", "is_batch_norm"]
 
@@ -165,6 +172,20 @@ class BatchNorm(nn.Module):
             if self.track_running_stats:
                 num_batches_tracked = counter
                 if running_mean is not None and running_var is not None:
+                    native = _native_training(
+                        input,
+                        running_mean,
+                        running_var,
+                        weight,
+                        bias,
+                        self.momentum,
+                        self.eps,
+                        self.axis,
+                        num_batches_tracked,
+                        self.nonfinite,
+                    )
+                    if native is not None:
+                        return native[0]
                     fast = _fast_training(
                         input,
                         running_mean,
@@ -181,8 +202,17 @@ class BatchNorm(nn.Module):
                         return fast[0]
             else:  # in training without tracking the buffers are not passed
                 running_mean = running_var = None
+                native = _native_training(
+                    input, None, None, weight, bias, self.momentum, self.eps, self.axis, None, self.nonfinite
+                )
+                if native is not None:
+                    return native[0]
         else:
             use_batch_stats = running_mean is None
+            if running_mean is not None and running_var is not None:
+                output = _native_inference(input, running_mean, running_var, weight, bias, self.eps, self.axis)
+                if output is not None:
+                    return output
         output, _ = batch_norm_with_status(
             input,
             running_mean,

@@ -227,7 +227,7 @@ class _Library:
         path = self._ensure_built()
         if path is None:
             return False
-        torch.ops.load_library(str(path))
+        torch.ops.load_library(str(path))  # type: ignore[no-untyped-call]
         self.path = path
         return _bind()
 
@@ -450,4 +450,3 @@ def main() -> int:
         return 1
     print(library_path())
     return 0
-

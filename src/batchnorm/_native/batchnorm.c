@@ -22,12 +22,18 @@
 #ifdef _OPENMP
 #include <omp.h>
 #endif
+#if defined(__AVX__)
+#include <immintrin.h>
+#endif
 
 #define SHIFT_SAMPLES 64 /* channels-first: leading positions whose mean is the shift */
 #define SHIFT_ROWS 16     /* feature-last: leading rows whose mean is the shift */
 #define SHIFT_TOLERANCE 16.0
-#define ROWS 32   /* feature-last: rows per block summed in registers */
-#define CHUNK 64  /* feature-last: features per block */
+#define NARROW 64  /* feature-last: rows of at most this many features are summed in registers */
+#define ROWS 16    /* feature-last, narrow: rows per block */
+#define GROUP 8    /* feature-last: rows read side by side */
+#define BLOCK 64   /* feature-last: rows summed in the accumulation type before adding into double */
+#define CHUNK 1024 /* feature-last: features per pass (their accumulators stay in L1) */
 #define LANES 32  /* channels-first: independent partial sums */
 #define SPAN 512  /* channels-first: positions summed before adding into double */
 #define GRAIN 32768 /* fewer values than this run on one thread (PyTorch's grain size) */
@@ -54,6 +60,98 @@ static int thread_index(void) {
     return 0;
 #endif
 }
+
+/*
+ * Outputs of at least STREAM_BYTES are written with streaming (non-temporal) stores where the CPU
+ * has them (x86 AVX, float32): they bypass the cache, which saves reading each output line before
+ * it is overwritten (a third of an output pass's traffic) and leaves the cache to the inputs.
+ * Smaller outputs are written normally and stay in the cache for the next layer. (glibc's memcpy
+ * makes the same choice above a threshold of a few MB; the last-level cache size the OS reports
+ * inside a virtual machine is often the host's, so the threshold is fixed rather than derived.)
+ */
+#define STREAM_BYTES ((int64_t)4 << 20)
+
+static int stream_output(int64_t bytes) { return bytes >= STREAM_BYTES; }
+
+#if defined(__AVX__)
+#define HAVE_STREAMING 1
+/* Rows [r0, r1) of y = (x - center) * scale + offset (float32), stored with _mm256_stream_ps. */
+static void affine_rows_stream(const float *x, float *y, int64_t r0, int64_t r1, int64_t C, int64_t S,
+                               const float *center, const float *scale, const float *offset) {
+    if (S == 1) {
+        for (int64_t m = r0; m < r1; m++) {
+            const float *xr = x + m * C;
+            float *yr = y + m * C;
+            int64_t c = 0;
+            for (; c < C && ((uintptr_t)(yr + c) & 31) != 0; c++) yr[c] = (xr[c] - center[c]) * scale[c] + offset[c];
+            for (; c + 8 <= C; c += 8) {
+                __m256 v = _mm256_sub_ps(_mm256_loadu_ps(xr + c), _mm256_loadu_ps(center + c));
+                v = _mm256_add_ps(_mm256_mul_ps(v, _mm256_loadu_ps(scale + c)), _mm256_loadu_ps(offset + c));
+                _mm256_stream_ps(yr + c, v);
+            }
+            for (; c < C; c++) yr[c] = (xr[c] - center[c]) * scale[c] + offset[c];
+        }
+    } else {
+        for (int64_t row = r0; row < r1; row++) {
+            int64_t c = row % C;
+            const float mc = center[c], sc = scale[c], oc = offset[c];
+            const __m256 vm = _mm256_set1_ps(mc), vs = _mm256_set1_ps(sc), vo = _mm256_set1_ps(oc);
+            const float *xr = x + row * S;
+            float *yr = y + row * S;
+            int64_t s = 0;
+            for (; s < S && ((uintptr_t)(yr + s) & 31) != 0; s++) yr[s] = (xr[s] - mc) * sc + oc;
+            for (; s + 8 <= S; s += 8) {
+                __m256 v = _mm256_sub_ps(_mm256_loadu_ps(xr + s), vm);
+                _mm256_stream_ps(yr + s, _mm256_add_ps(_mm256_mul_ps(v, vs), vo));
+            }
+            for (; s < S; s++) yr[s] = (xr[s] - mc) * sc + oc;
+        }
+    }
+    _mm_sfence();
+}
+
+/* Rows [r0, r1) of dx = dy * gain + offset - (x - center) * slope (float32), streamed. */
+static void input_grad_rows_stream(const float *dy, const float *x, float *dx, int64_t r0, int64_t r1, int64_t C,
+                                   int64_t S, const float *center, const float *gain, const float *offset,
+                                   const float *slope) {
+    if (S == 1) {
+        for (int64_t m = r0; m < r1; m++) {
+            const float *xr = x + m * C, *gr = dy + m * C;
+            float *dr = dx + m * C;
+            int64_t c = 0;
+            for (; c < C && ((uintptr_t)(dr + c) & 31) != 0; c++)
+                dr[c] = gr[c] * gain[c] + offset[c] - (xr[c] - center[c]) * slope[c];
+            for (; c + 8 <= C; c += 8) {
+                __m256 g = _mm256_add_ps(_mm256_mul_ps(_mm256_loadu_ps(gr + c), _mm256_loadu_ps(gain + c)),
+                                         _mm256_loadu_ps(offset + c));
+                __m256 u = _mm256_sub_ps(_mm256_loadu_ps(xr + c), _mm256_loadu_ps(center + c));
+                _mm256_stream_ps(dr + c, _mm256_sub_ps(g, _mm256_mul_ps(u, _mm256_loadu_ps(slope + c))));
+            }
+            for (; c < C; c++) dr[c] = gr[c] * gain[c] + offset[c] - (xr[c] - center[c]) * slope[c];
+        }
+    } else {
+        for (int64_t row = r0; row < r1; row++) {
+            int64_t c = row % C;
+            const float mc = center[c], gc = gain[c], oc = offset[c], sc = slope[c];
+            const __m256 vm = _mm256_set1_ps(mc), vg = _mm256_set1_ps(gc), vo = _mm256_set1_ps(oc),
+                         vs = _mm256_set1_ps(sc);
+            const float *xr = x + row * S, *gr = dy + row * S;
+            float *dr = dx + row * S;
+            int64_t s = 0;
+            for (; s < S && ((uintptr_t)(dr + s) & 31) != 0; s++) dr[s] = gr[s] * gc + oc - (xr[s] - mc) * sc;
+            for (; s + 8 <= S; s += 8) {
+                __m256 g = _mm256_add_ps(_mm256_mul_ps(_mm256_loadu_ps(gr + s), vg), vo);
+                __m256 u = _mm256_sub_ps(_mm256_loadu_ps(xr + s), vm);
+                _mm256_stream_ps(dr + s, _mm256_sub_ps(g, _mm256_mul_ps(u, vs)));
+            }
+            for (; s < S; s++) dr[s] = gr[s] * gc + oc - (xr[s] - mc) * sc;
+        }
+    }
+    _mm_sfence();
+}
+#else
+#define HAVE_STREAMING 0
+#endif
 
 /* PyTorch's lerp: start + w * (end - start) for w < 0.5, end - (end - start) * (1 - w) otherwise. */
 static double lerp(double start, double end, double w) {
@@ -83,7 +181,22 @@ static inline uint16_t bf16_store(float f) {
 #define LOAD(v) (v)
 #define STORE(v) (v)
 #define SUFFIX f32
+#if HAVE_STREAMING
+#define STREAMING 1
+#define STREAM_AFFINE affine_rows_stream
+#define STREAM_INPUT_GRAD input_grad_rows_stream
+#else
+#define STREAMING 0
+#define STREAM_AFFINE FN(affine_rows)
+#define STREAM_INPUT_GRAD FN(input_grad_rows)
+#endif
 #include "typed.h"
+#undef STREAMING
+#undef STREAM_AFFINE
+#undef STREAM_INPUT_GRAD
+#define STREAMING 0
+#define STREAM_AFFINE FN(affine_rows)
+#define STREAM_INPUT_GRAD FN(input_grad_rows)
 #undef T
 #undef A
 #undef LOAD

@@ -263,7 +263,8 @@ std::tuple<std::optional<Tensor>, int64_t> train(const Tensor &x, const std::opt
     if (n.defined() && !(n.scalar_type() == at::kLong && n.numel() == 1 && n.device().is_cpu()))
         return {std::nullopt, -1};
     bool cumulative = momentum < 0;
-    if ((cumulative && !n.defined()) || (!cumulative && !(momentum <= 1.0))) return {std::nullopt, -1};
+    if (rm.defined() && ((cumulative && !n.defined()) || (!cumulative && !(momentum <= 1.0))))
+        return {std::nullopt, -1};
     bool finite = true;
     if (needs_grad(x, w, b)) {
         Buffers buffers{rm, rv, n};

@@ -7,6 +7,9 @@
  *   LOAD(v)    T -> A
  *   STORE(v)   A -> T, rounded to nearest even
  *   FN(name)   name##_<type>
+ *   STREAMING, STREAM_AFFINE, STREAM_INPUT_GRAD
+ *              1 and the float32 streaming-store versions of affine_rows and input_grad_rows,
+ *              or 0 and the plain ones (for the other types)
  *
  * Every tensor is a contiguous (B, C, S) view: C features, B blocks before the
  * feature axis and S positions after it. S == 1 is the feature-last layout (an
@@ -37,27 +40,31 @@ static void FN(shift)(const T *x, int64_t B, int64_t C, int64_t S, double *k) {
 }
 
 /*
- * Feature-last pair of sums over rows [r0, r1), added into s1 and s2 (C doubles each):
- *   dy == NULL:  s1 += sum(x - k),  s2 += sum((x - k)^2)
- *   otherwise:   s1 += sum(dy),     s2 += sum(dy * (x - k))
- * Blocks of ROWS rows by CHUNK features are summed in A (registers), then added in double.
+ * Feature-last sums for narrow rows (C <= NARROW): NARROW features of ROWS rows at a time in
+ * registers; rows are then read in order, and the next block is prefetched while one is summed.
  */
-static void FN(sums_rows)(const T *x, const T *dy, int64_t r0, int64_t r1, int64_t C, const A *k, double *s1,
-                          double *s2) {
+static void FN(sums_rows_narrow)(const T *x, const T *dy, int64_t r0, int64_t r1, int64_t C, const A *k,
+                                 double *s1, double *s2) {
+    const int64_t line = 64 / (int64_t)sizeof(T);
+    A kc[NARROW];
+    for (int64_t j = 0; j < NARROW; j++) kc[j] = j < C ? k[j] : (A)0;
     for (int64_t rb = r0; rb < r1; rb += ROWS) {
         int64_t re = rb + ROWS < r1 ? rb + ROWS : r1;
-        int64_t c0 = 0;
-        for (; c0 + CHUNK <= C; c0 += CHUNK) {
-            A a1[CHUNK], a2[CHUNK], kc[CHUNK];
-            for (int j = 0; j < CHUNK; j++) {
-                a1[j] = 0;
-                a2[j] = 0;
-                kc[j] = k[c0 + j];
-            }
+        int64_t pe = re + ROWS < r1 ? re + ROWS : r1;
+        for (int64_t p = re * C; p < pe * C; p += line) {
+            __builtin_prefetch(x + p, 0, 0);
+            if (dy != NULL) __builtin_prefetch(dy + p, 0, 0);
+        }
+        A a1[NARROW], a2[NARROW];
+        for (int j = 0; j < NARROW; j++) {
+            a1[j] = 0;
+            a2[j] = 0;
+        }
+        if (C == NARROW) {
             if (dy == NULL) {
                 for (int64_t m = rb; m < re; m++) {
-                    const T *xr = x + m * C + c0;
-                    for (int j = 0; j < CHUNK; j++) {
+                    const T *xr = x + m * NARROW;
+                    for (int j = 0; j < NARROW; j++) {
                         A u = LOAD(xr[j]) - kc[j];
                         a1[j] += u;
                         a2[j] += u * u;
@@ -65,32 +72,93 @@ static void FN(sums_rows)(const T *x, const T *dy, int64_t r0, int64_t r1, int64
                 }
             } else {
                 for (int64_t m = rb; m < re; m++) {
-                    const T *xr = x + m * C + c0;
-                    const T *gr = dy + m * C + c0;
-                    for (int j = 0; j < CHUNK; j++) {
+                    const T *xr = x + m * NARROW, *gr = dy + m * NARROW;
+                    for (int j = 0; j < NARROW; j++) {
                         A g = LOAD(gr[j]);
                         a1[j] += g;
                         a2[j] += g * (LOAD(xr[j]) - kc[j]);
                     }
                 }
             }
-            for (int j = 0; j < CHUNK; j++) {
-                s1[c0 + j] += (double)a1[j];
-                s2[c0 + j] += (double)a2[j];
+        } else {
+            for (int64_t m = rb; m < re; m++) {
+                const T *xr = x + m * C;
+                if (dy == NULL) {
+                    for (int64_t j = 0; j < C; j++) {
+                        A u = LOAD(xr[j]) - kc[j];
+                        a1[j] += u;
+                        a2[j] += u * u;
+                    }
+                } else {
+                    const T *gr = dy + m * C;
+                    for (int64_t j = 0; j < C; j++) {
+                        A g = LOAD(gr[j]);
+                        a1[j] += g;
+                        a2[j] += g * (LOAD(xr[j]) - kc[j]);
+                    }
+                }
             }
         }
-        if (c0 < C) {
-            int64_t n = C - c0;
-            A a1[CHUNK], a2[CHUNK];
+        for (int64_t j = 0; j < C; j++) {
+            s1[j] += (double)a1[j];
+            s2[j] += (double)a2[j];
+        }
+    }
+}
+
+/*
+ * Feature-last pair of sums over rows [r0, r1), added into s1 and s2 (C doubles each):
+ *   dy == NULL:  s1 += sum(x - k),  s2 += sum((x - k)^2)
+ *   otherwise:   s1 += sum(dy),     s2 += sum(dy * (x - k))
+ * GROUP rows are read side by side (GROUP sequential streams) and their terms added together
+ * before touching the per-feature accumulators, which stay in L1 (CHUNK features at a time); the
+ * accumulators, in A, are added into double every BLOCK rows.
+ */
+static void FN(sums_rows)(const T *x, const T *dy, int64_t r0, int64_t r1, int64_t C, const A *k, double *s1,
+                          double *s2) {
+    A a1[CHUNK], a2[CHUNK];
+    for (int64_t c0 = 0; c0 < C; c0 += CHUNK) {
+        const int64_t n = C - c0 < CHUNK ? C - c0 : CHUNK;
+        const A *kc = k + c0;
+        for (int64_t rb = r0; rb < r1; rb += BLOCK) {
+            const int64_t re = rb + BLOCK < r1 ? rb + BLOCK : r1;
             for (int64_t j = 0; j < n; j++) {
                 a1[j] = 0;
                 a2[j] = 0;
             }
-            for (int64_t m = rb; m < re; m++) {
+            int64_t m = rb;
+            for (; m + GROUP <= re; m += GROUP) {
+                const T *x0 = x + m * C + c0;
+                if (dy == NULL) {
+                    for (int64_t j = 0; j < n; j++) {
+                        A t1 = 0, t2 = 0;
+                        for (int r = 0; r < GROUP; r++) {
+                            A u = LOAD(x0[r * C + j]) - kc[j];
+                            t1 += u;
+                            t2 += u * u;
+                        }
+                        a1[j] += t1;
+                        a2[j] += t2;
+                    }
+                } else {
+                    const T *g0 = dy + m * C + c0;
+                    for (int64_t j = 0; j < n; j++) {
+                        A t1 = 0, t2 = 0;
+                        for (int r = 0; r < GROUP; r++) {
+                            A g = LOAD(g0[r * C + j]);
+                            t1 += g;
+                            t2 += g * (LOAD(x0[r * C + j]) - kc[j]);
+                        }
+                        a1[j] += t1;
+                        a2[j] += t2;
+                    }
+                }
+            }
+            for (; m < re; m++) {
                 const T *xr = x + m * C + c0;
                 if (dy == NULL) {
                     for (int64_t j = 0; j < n; j++) {
-                        A u = LOAD(xr[j]) - k[c0 + j];
+                        A u = LOAD(xr[j]) - kc[j];
                         a1[j] += u;
                         a2[j] += u * u;
                     }
@@ -99,7 +167,7 @@ static void FN(sums_rows)(const T *x, const T *dy, int64_t r0, int64_t r1, int64
                     for (int64_t j = 0; j < n; j++) {
                         A g = LOAD(gr[j]);
                         a1[j] += g;
-                        a2[j] += g * (LOAD(xr[j]) - k[c0 + j]);
+                        a2[j] += g * (LOAD(xr[j]) - kc[j]);
                     }
                 }
             }
@@ -111,91 +179,102 @@ static void FN(sums_rows)(const T *x, const T *dy, int64_t r0, int64_t r1, int64
     }
 }
 
-/* Channels-first pair of sums (same two modes) for feature c over all B rows of S positions. */
-static void FN(sums_feature)(const T *x, const T *dy, int64_t B, int64_t C, int64_t S, int64_t c, A kc, double *s1,
-                             double *s2) {
-    double t1 = 0.0, t2 = 0.0;
-    for (int64_t b = 0; b < B; b++) {
-        const T *xr = x + (b * C + c) * S;
-        const T *gr = dy == NULL ? NULL : dy + (b * C + c) * S;
-        for (int64_t s0 = 0; s0 < S; s0 += SPAN) {
-            int64_t n = S - s0 < SPAN ? S - s0 : SPAN;
-            A v1[LANES], v2[LANES];
-            for (int j = 0; j < LANES; j++) {
-                v1[j] = 0;
-                v2[j] = 0;
-            }
-            int64_t s = 0;
-            if (gr == NULL) {
-                for (; s + LANES <= n; s += LANES) {
-                    for (int j = 0; j < LANES; j++) {
-                        A u = LOAD(xr[s0 + s + j]) - kc;
-                        v1[j] += u;
-                        v2[j] += u * u;
-                    }
-                }
-                for (; s < n; s++) {
-                    A u = LOAD(xr[s0 + s]) - kc;
-                    v1[0] += u;
-                    v2[0] += u * u;
-                }
-            } else {
-                for (; s + LANES <= n; s += LANES) {
-                    for (int j = 0; j < LANES; j++) {
-                        A g = LOAD(gr[s0 + s + j]);
-                        v1[j] += g;
-                        v2[j] += g * (LOAD(xr[s0 + s + j]) - kc);
-                    }
-                }
-                for (; s < n; s++) {
-                    A g = LOAD(gr[s0 + s]);
-                    v1[0] += g;
-                    v2[0] += g * (LOAD(xr[s0 + s]) - kc);
+/* Channels-first pair of sums (same two modes) over one row of S positions, in double. */
+static void FN(sums_row)(const T *xr, const T *gr, int64_t S, A kc, double *t1, double *t2) {
+    double r1 = 0.0, r2 = 0.0;
+    for (int64_t s0 = 0; s0 < S; s0 += SPAN) {
+        int64_t n = S - s0 < SPAN ? S - s0 : SPAN;
+        A v1[LANES], v2[LANES];
+        for (int j = 0; j < LANES; j++) {
+            v1[j] = 0;
+            v2[j] = 0;
+        }
+        int64_t s = 0;
+        if (gr == NULL) {
+            for (; s + LANES <= n; s += LANES) {
+                for (int j = 0; j < LANES; j++) {
+                    A u = LOAD(xr[s0 + s + j]) - kc;
+                    v1[j] += u;
+                    v2[j] += u * u;
                 }
             }
-            for (int j = 0; j < LANES; j++) {
-                t1 += (double)v1[j];
-                t2 += (double)v2[j];
+            for (; s < n; s++) {
+                A u = LOAD(xr[s0 + s]) - kc;
+                v1[0] += u;
+                v2[0] += u * u;
+            }
+        } else {
+            for (; s + LANES <= n; s += LANES) {
+                for (int j = 0; j < LANES; j++) {
+                    A g = LOAD(gr[s0 + s + j]);
+                    v1[j] += g;
+                    v2[j] += g * (LOAD(xr[s0 + s + j]) - kc);
+                }
+            }
+            for (; s < n; s++) {
+                A g = LOAD(gr[s0 + s]);
+                v1[0] += g;
+                v2[0] += g * (LOAD(xr[s0 + s]) - kc);
             }
         }
+        for (int j = 0; j < LANES; j++) {
+            r1 += (double)v1[j];
+            r2 += (double)v2[j];
+        }
     }
-    *s1 = t1;
-    *s2 = t2;
+    *t1 = r1;
+    *t2 = r2;
 }
 
-/* Both sums for every feature, in double, with the threads of the (shared) OpenMP runtime. */
+/* Channels-first sums over rows [r0, r1) of the (B * C, S) matrix, in memory order, added into s1, s2. */
+static void FN(sums_rows_cf)(const T *x, const T *dy, int64_t r0, int64_t r1, int64_t C, int64_t S, const A *k,
+                             double *s1, double *s2) {
+    for (int64_t row = r0; row < r1; row++) {
+        int64_t c = row % C;
+        double t1, t2;
+        FN(sums_row)(x + row * S, dy == NULL ? NULL : dy + row * S, S, k[c], &t1, &t2);
+        s1[c] += t1;
+        s2[c] += t2;
+    }
+}
+
+/* Both sums for every feature, in double, with the threads of the (shared) OpenMP runtime. Memory is
+   read in order, split in contiguous ranges of rows, one per thread, each with its own partial sums. */
 static int FN(sums)(const T *x, const T *dy, int64_t B, int64_t C, int64_t S, const A *k, double *s1, double *s2) {
     int threads = team_size(B * C * S);
-    if (S == 1) {
-        if (threads == 1) {
-            for (int64_t c = 0; c < C; c++) s1[c] = s2[c] = 0.0;
-            FN(sums_rows)(x, dy, 0, B, C, k, s1, s2);
-            return 0;
-        }
-        double *part = (double *)calloc((size_t)threads * 2 * (size_t)C, sizeof(double));
-        if (part == NULL) return -2;
-#pragma omp parallel num_threads(threads)
-        {
-            int t = thread_index();
-            int64_t r0 = B * t / threads, r1 = B * (t + 1) / threads;
-            FN(sums_rows)(x, dy, r0, r1, C, k, part + (size_t)t * 2 * C, part + (size_t)t * 2 * C + C);
-        }
-        for (int64_t c = 0; c < C; c++) {
-            double a = 0.0, b = 0.0;
-            for (int t = 0; t < threads; t++) {
-                a += part[(size_t)t * 2 * C + c];
-                b += part[(size_t)t * 2 * C + C + c];
-            }
-            s1[c] = a;
-            s2[c] = b;
-        }
-        free(part);
-    } else if (threads == 1) {
-        for (int64_t c = 0; c < C; c++) FN(sums_feature)(x, dy, B, C, S, c, k[c], s1 + c, s2 + c);
-    } else {
-#pragma omp parallel for num_threads(threads) schedule(static)
-        for (int64_t c = 0; c < C; c++) FN(sums_feature)(x, dy, B, C, S, c, k[c], s1 + c, s2 + c);
+    int64_t rows = S == 1 ? B : B * C;
+    for (int64_t c = 0; c < C; c++) s1[c] = s2[c] = 0.0;
+    if (threads == 1) {
+        if (S == 1 && C <= NARROW)
+            FN(sums_rows_narrow)(x, dy, 0, rows, C, k, s1, s2);
+        else if (S == 1)
+            FN(sums_rows)(x, dy, 0, rows, C, k, s1, s2);
+        else
+            FN(sums_rows_cf)(x, dy, 0, rows, C, S, k, s1, s2);
+        return 0;
     }
+    double *part = (double *)calloc((size_t)threads * 2 * (size_t)C, sizeof(double));
+    if (part == NULL) return -2;
+#pragma omp parallel num_threads(threads)
+    {
+        int t = thread_index();
+        int64_t r0 = rows * t / threads, r1 = rows * (t + 1) / threads;
+        double *p1 = part + (size_t)t * 2 * C, *p2 = p1 + C;
+        if (S == 1 && C <= NARROW)
+            FN(sums_rows_narrow)(x, dy, r0, r1, C, k, p1, p2);
+        else if (S == 1)
+            FN(sums_rows)(x, dy, r0, r1, C, k, p1, p2);
+        else
+            FN(sums_rows_cf)(x, dy, r0, r1, C, S, k, p1, p2);
+    }
+    for (int t = 0; t < threads; t++) {
+        const double *p1 = part + (size_t)t * 2 * C, *p2 = p1 + C;
+        for (int64_t c = 0; c < C; c++) {
+            s1[c] += p1[c];
+            s2[c] += p2[c];
+        }
+    }
+    free(part);
     return 0;
 }
 
@@ -223,14 +302,22 @@ static void FN(affine)(const T *x, T *y, int64_t B, int64_t C, int64_t S, const 
                        const A *offset) {
     int threads = team_size(B * C * S);
     int64_t rows = S == 1 ? B : B * C;
+    int stream = STREAMING && stream_output(B * C * S * (int64_t)sizeof(T));
     if (threads == 1) {
-        FN(affine_rows)(x, y, 0, rows, C, S, center, scale, offset);
+        if (stream)
+            STREAM_AFFINE(x, y, 0, rows, C, S, center, scale, offset);
+        else
+            FN(affine_rows)(x, y, 0, rows, C, S, center, scale, offset);
         return;
     }
 #pragma omp parallel num_threads(threads)
     {
         int t = thread_index();
-        FN(affine_rows)(x, y, rows * t / threads, rows * (t + 1) / threads, C, S, center, scale, offset);
+        int64_t r0 = rows * t / threads, r1 = rows * (t + 1) / threads;
+        if (stream)
+            STREAM_AFFINE(x, y, r0, r1, C, S, center, scale, offset);
+        else
+            FN(affine_rows)(x, y, r0, r1, C, S, center, scale, offset);
     }
 }
 
@@ -259,15 +346,22 @@ static void FN(input_grad)(const T *dy, const T *x, T *dx, int64_t B, int64_t C,
                            const A *gain, const A *offset, const A *slope) {
     int threads = team_size(B * C * S);
     int64_t rows = S == 1 ? B : B * C;
+    int stream = STREAMING && stream_output(B * C * S * (int64_t)sizeof(T));
     if (threads == 1) {
-        FN(input_grad_rows)(dy, x, dx, 0, rows, C, S, center, gain, offset, slope);
+        if (stream)
+            STREAM_INPUT_GRAD(dy, x, dx, 0, rows, C, S, center, gain, offset, slope);
+        else
+            FN(input_grad_rows)(dy, x, dx, 0, rows, C, S, center, gain, offset, slope);
         return;
     }
 #pragma omp parallel num_threads(threads)
     {
         int t = thread_index();
-        FN(input_grad_rows)(dy, x, dx, rows * t / threads, rows * (t + 1) / threads, C, S, center, gain, offset,
-                            slope);
+        int64_t r0 = rows * t / threads, r1 = rows * (t + 1) / threads;
+        if (stream)
+            STREAM_INPUT_GRAD(dy, x, dx, r0, r1, C, S, center, gain, offset, slope);
+        else
+            FN(input_grad_rows)(dy, x, dx, r0, r1, C, S, center, gain, offset, slope);
     }
 }
 
