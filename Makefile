@@ -16,6 +16,9 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	@$(BIN)/python -c "import sys, torch; v = tuple(int(p) for p in torch.__version__.split('+')[0].split('.')[:2]); sys.exit(v < (2, 4))" 2>/dev/null \
 		|| $(BIN)/python -m pip install --quiet torch==2.13.0
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	@# The native kernels (C and C++ against the installed torch, 15-30 s): built now so that no
+	@# run pays for it later; without a compiler the package works on its other kernels.
+	$(BIN)/python -c "import sys; from batchnorm import native; sys.exit(native.main())" || true
 	@touch $(STAMP)
 
 install: $(STAMP)

@@ -36,6 +36,11 @@ def pytest_configure(config: pytest.Config) -> None:
     # With warnings as errors that turns the report into an INTERNALERROR that
     # hides the falsifying example.
     config.addinivalue_line("filterwarnings", "ignore::DeprecationWarning:libcst.*")
+    # Build (or load) the native kernels before the first test, so that no test's timing or
+    # subprocess includes the one-time compilation (make install has normally built them).
+    from batchnorm import native
+
+    native.available()
 
 
 requires_cuda = pytest.mark.skipif(

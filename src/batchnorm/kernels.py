@@ -184,7 +184,13 @@ def _per_feature(vector: Tensor) -> Tensor:
 
 # --- choosing a kernel ------------------------------------------------------------------
 
-_local = threading.local()
+class _Setting(threading.local):
+    """The kernel forced in this thread (:func:`use_kernel`/:func:`set_kernel`), ``None`` when not forced."""
+
+    kernel: str | None = None  # a class default: reading it costs no AttributeError when never set
+
+
+_local = _Setting()
 
 
 def _check_choice(choice: str, source: str) -> str:
@@ -207,7 +213,7 @@ def _environment_kernel() -> str:
 
 def get_kernel() -> str:
     """The kernel setting in force: :func:`use_kernel`/:func:`set_kernel`, else ``$BATCHNORM_KERNEL``, else ``auto``."""
-    forced: str | None = getattr(_local, "kernel", None)
+    forced: str | None = _local.kernel
     return forced if forced is not None else _environment_kernel()
 
 
@@ -230,7 +236,7 @@ def use_kernel(choice: str) -> Iterator[None]:
         with batchnorm.kernels.use_kernel("eager"):
             y = batchnorm.functional.batch_norm(x, None, None, training=True)
     """
-    previous: str | None = getattr(_local, "kernel", None)
+    previous: str | None = _local.kernel
     _local.kernel = _check_choice(choice, "kernel")
     try:
         yield
@@ -303,7 +309,7 @@ def plan(x: Tensor, mode: Mode = "train", feature: int | None = None) -> Plan:
       dominates, and PyTorch's C++ op, differentiated by PyTorch's own
       backward, has the least.
     """
-    setting: str | None = getattr(_local, "kernel", None)
+    setting: str | None = _local.kernel
     if setting is None:
         setting = _environment_kernel()
     layout = "feature-last" if _is_feature_last(x, feature) else "channels-first"
@@ -353,7 +359,7 @@ def native_ready(x: Tensor) -> bool:
 def _auto_unlogged() -> bool:
     """``auto`` in force and debug logging off: the fast paths' precondition (:func:`plan` serves the rest)."""
     return (
-        getattr(_local, "kernel", None) is None
+        _local.kernel is None
         and (_environment.get(KERNEL_ENV_VAR) or _environment_kernel()) == "auto"
         and not logger.isEnabledFor(logging.DEBUG)
     )
@@ -399,7 +405,7 @@ _DEVICE_PLAN = Plan("torch", "torch", "channels-first", "PyTorch's kernels on th
 
 
 def _setting_source() -> str:
-    if getattr(_local, "kernel", None) is not None:
+    if _local.kernel is not None:
         return "use_kernel/set_kernel"
     return f"${KERNEL_ENV_VAR}"
 

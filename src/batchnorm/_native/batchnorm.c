@@ -62,16 +62,17 @@ static int thread_index(void) {
 }
 
 /*
- * Outputs of at least STREAM_BYTES are written with streaming (non-temporal) stores where the CPU
- * has them (x86 AVX, float32): they bypass the cache, which saves reading each output line before
- * it is overwritten (a third of an output pass's traffic) and leaves the cache to the inputs.
- * Smaller outputs are written normally and stay in the cache for the next layer. (glibc's memcpy
- * makes the same choice above a threshold of a few MB; the last-level cache size the OS reports
- * inside a virtual machine is often the host's, so the threshold is fixed rather than derived.)
+ * Outputs of more than STREAM_BYTES per thread are written with streaming (non-temporal) stores
+ * where the CPU has them (x86 AVX, float32): they bypass the cache, which saves reading each output
+ * line before it is overwritten (a third of an output pass's traffic) and leaves the cache to the
+ * inputs. Smaller outputs are written normally and stay in the cache for the next layer, and so do
+ * outputs shared among threads whose caches together hold them. (glibc's memcpy makes the same
+ * choice above a threshold of a few MB per thread; the last-level cache size the OS reports inside
+ * a virtual machine is often the host's, so the threshold is fixed rather than derived from it.)
  */
 #define STREAM_BYTES ((int64_t)4 << 20)
 
-static int stream_output(int64_t bytes) { return bytes >= STREAM_BYTES; }
+static int stream_output(int64_t bytes) { return bytes > STREAM_BYTES; }
 
 #if defined(__AVX__)
 #define HAVE_STREAMING 1

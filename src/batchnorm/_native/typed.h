@@ -302,7 +302,7 @@ static void FN(affine)(const T *x, T *y, int64_t B, int64_t C, int64_t S, const 
                        const A *offset) {
     int threads = team_size(B * C * S);
     int64_t rows = S == 1 ? B : B * C;
-    int stream = STREAMING && stream_output(B * C * S * (int64_t)sizeof(T));
+    int stream = STREAMING && stream_output(B * C * S * (int64_t)sizeof(T) / threads);
     if (threads == 1) {
         if (stream)
             STREAM_AFFINE(x, y, 0, rows, C, S, center, scale, offset);
@@ -346,7 +346,7 @@ static void FN(input_grad)(const T *dy, const T *x, T *dx, int64_t B, int64_t C,
                            const A *gain, const A *offset, const A *slope) {
     int threads = team_size(B * C * S);
     int64_t rows = S == 1 ? B : B * C;
-    int stream = STREAMING && stream_output(B * C * S * (int64_t)sizeof(T));
+    int stream = STREAMING && stream_output(B * C * S * (int64_t)sizeof(T) / threads);
     if (threads == 1) {
         if (stream)
             STREAM_INPUT_GRAD(dy, x, dx, 0, rows, C, S, center, gain, offset, slope);
