@@ -154,7 +154,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         "--kernel",
         type=_csv(_kernel),
         default=["auto"],
-        help="our kernel settings to time, comma-separated among auto, eager, compiled, torch (default auto)",
+        help="our kernel settings to time, comma-separated among auto, native, eager, compiled, torch (default auto)",
     )
     parser.add_argument(
         "--operations",

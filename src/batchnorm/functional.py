@@ -139,6 +139,7 @@ class _TrainingBatchNorm(torch.autograd.Function):
         ctx.save_for_backward(x, weight, mean, inv_std)
         ctx.eps = eps
         ctx.plan = chosen
+        ctx.bias_dtype = None if bias is None else bias.dtype
         ctx.mark_non_differentiable(mean, var)
         return y, mean, var
 
@@ -163,7 +164,7 @@ class _TrainingBatchNorm(torch.autograd.Function):
         return (
             grad_input,
             grad_weight.to(weight.dtype) if need_weight else None,
-            grad_bias.to(grad_output.dtype if weight is None else weight.dtype) if need_bias else None,
+            grad_bias.to(ctx.bias_dtype) if need_bias else None,
             None,
             None,
         )
@@ -500,6 +501,7 @@ def _native_training(
         and (momentum is None or type(momentum) is float)
         and (nonfinite == "raise" or nonfinite == "skip")
         and isinstance(input, Tensor)
+        and input.is_cpu
         and native.code(input.dtype) is not None
         and kernels._auto_unlogged()
     ):
@@ -531,6 +533,7 @@ def _native_inference(
         type(axis) is int
         and type(eps) is float
         and isinstance(input, Tensor)
+        and input.is_cpu
         and native.code(input.dtype) is not None
         and kernels._auto_unlogged()
     ):

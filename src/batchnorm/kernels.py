@@ -14,9 +14,19 @@ layouts users actually have:
 The last two are *feature-last*: ``S == 1``, and the kernels treat them as an
 ``(M, C)`` matrix reduced over its rows.
 
-Three implementations ("kernels") exist for each of train forward, train
+Four implementations ("kernels") exist for each of train forward, train
 backward and eval forward:
 
+``native``
+    C kernels (:mod:`batchnorm.native`, compiled once with the system's
+    compilers and cached) behind ``batchnorm::`` PyTorch operators whose
+    backward is a C++ autograd node. On the input's own memory (contiguous
+    or feature-last, no view or copy): statistics in one pass of shifted
+    sums, the output in a second, the running-statistics update and the
+    NaN/Inf check in the same call; backward reads ``x`` and ``dy`` once for
+    both reductions and once more for ``dx``; large float32 outputs use
+    streaming stores. Multi-threaded on PyTorch's own OpenMP runtime. The
+    fastest on the CPU at every size measured (``benchmarks/README.md``).
 ``eager``
     plain PyTorch operations, no compilation: the readable composite. Its
     forward (one pass of shifted sums, then ``(x - mean) * scale + bias``)
@@ -30,7 +40,8 @@ backward and eval forward:
     shapes, so one compilation serves every size of a layout and dtype
     (seconds; later processes reuse Inductor's on-disk cache). A failed
     compilation is logged once and the eager kernels take over for the rest
-    of the process.
+    of the process. The CPU choice for large channels-first tensors where the
+    native kernels are unavailable; Triton kernels on a GPU when forced.
 ``torch``
     PyTorch's own ``native_batch_norm`` (differentiated by PyTorch's own
     backward, double backward included), called on the input when it can
@@ -38,7 +49,7 @@ backward and eval forward:
     ``axis=-1`` needs no transpose.
 
 :func:`plan` picks them per call (``auto``; the rules are in its docstring);
-``BATCHNORM_KERNEL=eager|compiled|torch|auto`` (read once) or
+``BATCHNORM_KERNEL=native|eager|compiled|torch|auto`` (read once) or
 :func:`use_kernel`/:func:`set_kernel` force one. The choice is logged at DEBUG
 level on the ``batchnorm.kernels`` logger and printed by ``batchnorm bench --explain``.
 
@@ -49,10 +60,11 @@ Numerics (every kernel, except where ``torch`` is named):
 * the variance never comes from :math:`E[x^2]-E[x]^2` on raw values. The
   forward uses one pass of *shifted* sums :math:`\sum (x-k)`,
   :math:`\sum (x-k)^2` with ``k`` the mean of (up to) 64 leading values of
-  each feature, so ``|mean - k|`` is a fraction of a standard deviation on
-  real data; when it is not (``(mean - k)^2 > 16 var``, e.g. sorted data) the
-  sums are recomputed with ``k`` = the mean just found, which is then a
-  two-pass algorithm;
+  each feature (16 leading rows of a feature-last input in ``native``), so
+  ``|mean - k|`` is a fraction of a standard deviation on real data; when
+  it is not (``(mean - k)^2 > 16 var``, e.g. sorted data) the sums are
+  recomputed with ``k`` = the mean just found, which is then a two-pass
+  algorithm;
 * the output is formed as ``(x - mean) * (inv_std * weight) + bias``, never as
   ``x * a + b`` with ``b = bias - mean * a`` (which loses digits when
   ``|mean| >> std``; PyTorch's CPU forward does this);
@@ -184,6 +196,7 @@ def _per_feature(vector: Tensor) -> Tensor:
 
 # --- choosing a kernel ------------------------------------------------------------------
 
+
 class _Setting(threading.local):
     """The kernel forced in this thread (:func:`use_kernel`/:func:`set_kernel`), ``None`` when not forced."""
 
@@ -285,6 +298,13 @@ def plan(x: Tensor, mode: Mode = "train", feature: int | None = None) -> Plan:
     Rules under ``auto``, from ``batchnorm bench`` on a 2-core CPU (figures in
     ``benchmarks/README.md``):
 
+    * a CPU input of float32, float64, bfloat16 or float16 when the native
+      kernels are built (:func:`batchnorm.native.available`): ``native``,
+      train and eval, every layout and size (1.0-16x PyTorch's op on every
+      case of the suite, with the least per-call overhead).
+
+    Without the native kernels (no compiler, ``BATCHNORM_NATIVE=0``, another device):
+
     * eval: ``torch``. PyTorch's eval kernel runs at the memory bandwidth and
       computes what ours would (``x * a + b``); on our ``(M, C)`` view a
       sequence needs no transpose.
@@ -294,9 +314,8 @@ def plan(x: Tensor, mode: Mode = "train", feature: int | None = None) -> Plan:
     * training, feature-last (dense, channels-last, sequences) or not on the
       CPU: ``torch``, PyTorch's differentiable op on the input or its
       ``(M, C)`` view, forward checked for offset data (module docstring).
-      Its kernels for a contiguous ``(M, C)`` matrix beat every compiled
-      formulation tried, and on our view a sequence runs 5-10x faster than
-      through the transpose a user of ``F.batch_norm`` needs.
+      On our view a sequence runs 5-10x faster than through the transpose a
+      user of ``F.batch_norm`` needs.
     * training, channels-first, at least :data:`COMPILE_MIN_NUMEL` values
       (:data:`COMPILE_MIN_NUMEL_HALF` for float16/bfloat16, whose PyTorch
       kernels are faster), on the CPU, when Inductor works here: ``compiled``,

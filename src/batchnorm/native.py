@@ -289,6 +289,12 @@ _backward: Any = None
 _inference: Any = None
 
 
+def _require() -> None:
+    """Load the operators (building them if needed) or raise ``RuntimeError`` saying why they are unavailable."""
+    if not available():
+        raise RuntimeError(f"native kernels unavailable: {failure()}")
+
+
 def available() -> bool:
     """Whether the native kernels are built and loaded (building them on the first call)."""
     return _library.get()
@@ -381,6 +387,8 @@ def train(
     Shape:
         - x, y: ``(*, C, *)`` with ``C`` features at ``axis``; weight, bias, running stats: ``(C,)``; counter: ``()``.
     """
+    if _train is None:
+        _require()
     result: tuple[Tensor | None, int] = _train(
         x, weight, bias, running_mean, running_var, counter, axis, -1.0 if momentum is None else momentum, eps
     )
@@ -395,6 +403,8 @@ def train_forward(
     Shape:
         - x, y: any dense layout of ``(B, C, S)``; weight, bias: ``(C,)``; stats: ``(3, C)``.
     """
+    if _forward is None:
+        _require()
     result: tuple[Tensor, Tensor] = _forward(x, weight, bias, shape, eps)
     return result
 
@@ -415,6 +425,8 @@ def train_backward(
         - grad_output, x, dx: dense layouts of ``(B, C, S)``; stats: ``(2, C)`` or ``(3, C)``;
           weight, dweight, dbias: ``(C,)``.
     """
+    if _backward is None:
+        _require()
     grad_input, grad_weight, grad_bias = _backward(grad_output, x, stats, weight, shape, need_input_grad)
     return (grad_input if need_input_grad else None), grad_weight, grad_bias
 
@@ -437,6 +449,8 @@ def inference(
     Shape:
         - x, y: ``(*, C, *)`` with ``C`` features at ``axis``; the rest: ``(C,)``.
     """
+    if _inference is None:
+        _require()
     y: Tensor | None = _inference(x, running_mean, running_var, weight, bias, axis, eps)
     return y
 

@@ -14,6 +14,7 @@
 // check that themselves (cheaply, in C++) and decline otherwise; forward and backward are given
 // such tensors by batchnorm/kernels.py.
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
@@ -67,10 +68,16 @@ struct Sizes {
     int64_t batches, features, positions;
 };
 
+// PyTorch sets the OpenMP thread count of each thread lazily, on its first parallel operation;
+// asking for it does that, so the kernels' OpenMP regions follow torch.set_num_threads in any
+// thread (a new Python thread would otherwise get the OpenMP default, every core).
+void follow_torch_threads() { at::get_num_threads(); }
+
 Sizes unpack(at::IntArrayRef sizes, const Tensor &x) {
     TORCH_CHECK(sizes.size() == 3, "batchnorm native kernels: sizes must be [B, C, S]");
     TORCH_CHECK(x.device().is_cpu(), "batchnorm native kernels: CPU tensors only");
     TORCH_CHECK(sizes[0] * sizes[1] * sizes[2] == x.numel(), "batchnorm native kernels: sizes do not match the input");
+    follow_torch_threads();
     return {sizes[0], sizes[1], sizes[2]};
 }
 
@@ -152,6 +159,7 @@ struct Train : public torch::autograd::Function<Train> {
         ctx->save_for_backward({x, w, stats});
         ctx->saved_data["has_weight"] = w.defined();
         ctx->saved_data["has_bias"] = b.defined();
+        if (b.defined()) ctx->saved_data["bias_dtype"] = static_cast<int64_t>(b.scalar_type());
         ctx->saved_data["feature"] = feature;
         ctx->saved_data["sizes"] = sizes;
         ctx->saved_data["eps"] = eps;
@@ -186,7 +194,7 @@ struct Train : public torch::autograd::Function<Train> {
         if (!need_bias || !dbias.defined()) {
             dbias = Tensor();
         } else {
-            auto dtype = weight.defined() ? weight.scalar_type() : dy.scalar_type();
+            auto dtype = static_cast<at::ScalarType>(ctx->saved_data["bias_dtype"].toInt());
             if (dbias.scalar_type() != dtype) dbias = dbias.to(dtype);
         }
         return {need_input ? dx : Tensor(), dweight, dbias, Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
@@ -251,6 +259,7 @@ std::tuple<std::optional<Tensor>, int64_t> train(const Tensor &x, const std::opt
     int64_t feature;
     Sizes s;
     if (!dense_block(x, axis, feature, s) || s.batches * s.positions <= 1 || !(eps > 0)) return {std::nullopt, -1};
+    follow_torch_threads();
     auto acc = accumulation(x);
     if (!plain_vector(weight, acc, s.features) || !plain_vector(bias, acc, s.features) ||
         !plain_vector(running_mean, acc, s.features) || !plain_vector(running_var, acc, s.features))
@@ -285,6 +294,7 @@ std::optional<Tensor> inference(const Tensor &x, const Tensor &running_mean, con
     int64_t feature;
     Sizes s;
     if (!dense_block(x, axis, feature, s) || !(eps > 0)) return std::nullopt;
+    follow_torch_threads();
     auto acc = accumulation(x);
     if (!plain_vector(weight, acc, s.features) || !plain_vector(bias, acc, s.features) ||
         !plain_vector(running_mean, acc, s.features) || !plain_vector(running_var, acc, s.features))

@@ -1,0 +1,1012 @@
+"""The native CPU kernels (``batchnorm.native``): the operators themselves, their declines and their fallbacks.
+
+Every number is checked against an independent float64 reference:
+``torch.nn.functional.batch_norm`` in float64 on the same (rounded) input
+values with the feature axis moved to 1, running statistics written out by
+hand in float64, and ``torch.autograd.gradcheck``/``gradgradcheck`` (central
+finite differences) for the derivatives. Never against the package's own output.
+
+Tolerances (as in ``test_kernels.py``):
+
+* float64: ``1e-10`` absolute and relative;
+* float32: outputs and running statistics within ``2e-6`` absolute plus
+  relative, gradients within ``1e-5`` of their largest magnitude;
+* bfloat16 and float16 (outputs rounded once from float32): half a unit in the
+  last place plus ``1e-5`` (outputs) or ``1e-4`` of the largest magnitude
+  (gradients); per-feature results are float32 and get float32's tolerances.
+
+The tests that need the library are skipped where it cannot be built; the
+fallback tests (no compiler, disabled, failed build) run everywhere.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+import shutil
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from batchnorm import kernels, native
+from batchnorm.functional import NonfiniteBatchError, batch_norm
+
+requires_native = pytest.mark.skipif(
+    not native.available(), reason=f"the native kernels are unavailable here: {native.failure()}"
+)
+
+DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+EPS = 1e-5
+
+
+def _accumulation(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@dataclass(frozen=True)
+class Layout:
+    """An input layout: a shape, the feature axis and the memory format."""
+
+    name: str
+    shape: tuple[int, ...]
+    axis: int = 1
+    memory_format: torch.memory_format = torch.contiguous_format
+    features_innermost: bool = False  # the feature axis moved last in memory, the others dense
+
+    @property
+    def features(self) -> int:
+        return self.shape[self.axis]
+
+    def make(self, dtype: torch.dtype) -> torch.Tensor:
+        x = (torch.randn(self.shape, dtype=torch.float64) * 2 + 0.5).to(dtype)
+        if self.features_innermost:
+            return x.movedim(self.axis, -1).contiguous().movedim(-1, self.axis)
+        return x.contiguous(memory_format=self.memory_format)
+
+    def like(self, x: torch.Tensor) -> torch.Tensor:
+        """A copy of ``x`` in this layout."""
+        if self.features_innermost:
+            return x.movedim(self.axis, -1).contiguous().movedim(-1, self.axis)
+        return x.contiguous(memory_format=self.memory_format)
+
+
+LAYOUTS = [
+    Layout("dense", (12, 5)),
+    Layout("dense-64", (40, 64)),  # exactly the widest row summed in registers
+    Layout("dense-wide", (20, 70)),  # rows wider than that: the chunked sums
+    Layout("nchw", (4, 3, 5, 6)),
+    Layout("channels-last", (4, 3, 5, 6), memory_format=torch.channels_last),
+    Layout("channels-last-3d", (2, 3, 2, 3, 4), memory_format=torch.channels_last_3d),
+    Layout("sequence-minus-1", (3, 4, 5), axis=-1),
+    Layout("sequence-axis-2", (3, 4, 5), axis=2),
+    Layout("ncl", (4, 3, 7)),
+    Layout("ncl-long", (2, 3, 600)),  # more positions than one span, not a multiple of the lanes
+    Layout("ncl-features-innermost", (3, 4, 5), features_innermost=True),  # (N, L, C) memory seen as (N, C, L)
+]
+LAYOUT_IDS = [layout.name for layout in LAYOUTS]
+
+
+def _data(shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return (torch.randn(shape, dtype=torch.float64) * 2 + 0.5).to(dtype)
+
+
+def _parameters(features: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    acc = _accumulation(dtype)
+    return torch.linspace(0.5, 1.5, features, dtype=acc), torch.linspace(-0.2, 0.3, features, dtype=acc)
+
+
+def _buffers(features: int, dtype: torch.dtype, count: int = 3) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    acc = _accumulation(dtype)
+    running_mean = torch.linspace(-0.5, 0.5, features, dtype=acc)
+    running_var = torch.linspace(0.5, 2.0, features, dtype=acc)
+    return running_mean, running_var, torch.tensor(count)
+
+
+@dataclass
+class Reference:
+    """What float64 arithmetic gives: the output, the new running statistics and the gradients."""
+
+    y: torch.Tensor
+    running_mean: torch.Tensor | None
+    running_var: torch.Tensor | None
+    grads: dict[str, torch.Tensor]
+
+
+def _reference(
+    x: torch.Tensor,
+    axis: int,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    running_mean: torch.Tensor | None = None,
+    running_var: torch.Tensor | None = None,
+    momentum: float | None = 0.1,
+    count: int = 0,
+    grad_output: torch.Tensor | None = None,
+    training: bool = True,
+    eps: float = EPS,
+) -> Reference:
+    """``F.batch_norm`` in float64 on ``x``'s values; running statistics blended by hand in float64."""
+    feature = axis % x.dim()
+    x64 = x.detach().double().requires_grad_()
+    w64 = None if weight is None else weight.detach().double().requires_grad_()
+    b64 = None if bias is None else bias.detach().double().requires_grad_()
+    rm64 = None if running_mean is None else running_mean.detach().double()
+    rv64 = None if running_var is None else running_var.detach().double()
+    if training:
+        y = F.batch_norm(x64.movedim(feature, 1), None, None, w64, b64, True, 0.0, eps).movedim(1, feature)
+    else:
+        y = F.batch_norm(x64.movedim(feature, 1), rm64, rv64, w64, b64, False, 0.0, eps).movedim(1, feature)
+    new_mean = new_var = None
+    if training and rm64 is not None and rv64 is not None:
+        dims = [d for d in range(x.dim()) if d != feature]
+        values = x64.detach()
+        factor = momentum if momentum is not None else 1.0 / (count + 1)
+        new_mean = (1 - factor) * rm64 + factor * values.mean(dims)
+        new_var = (1 - factor) * rv64 + factor * values.var(dims, correction=1)
+    grads: dict[str, torch.Tensor] = {}
+    if grad_output is not None:
+        named = [(name, t) for name, t in (("x", x64), ("weight", w64), ("bias", b64)) if t is not None]
+        values = torch.autograd.grad(y, [t for _, t in named], grad_output.double())
+        grads = {name: value for (name, _), value in zip(named, values)}
+    return Reference(y.detach(), new_mean, new_var, grads)
+
+
+def _stats(expected: Reference) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference's new running statistics (it was given buffers)."""
+    assert expected.running_mean is not None
+    assert expected.running_var is not None
+    return expected.running_mean, expected.running_var
+
+
+def _assert_close(
+    actual: torch.Tensor, expected: torch.Tensor, what: str, grad: bool = False, dtype: torch.dtype | None = None
+) -> None:
+    """``actual`` within the tolerance of ``dtype`` (default: ``actual``'s) of the float64 ``expected``."""
+    dtype = actual.dtype if dtype is None else dtype
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    actual64, expected64 = actual.detach().double(), expected.detach().double()
+    assert not actual64.isnan().any(), f"{what}: NaN in the result"
+    error = (actual64 - expected64).abs()
+    scale = expected64.abs().max().clamp_min(1e-30)
+    if dtype == torch.float64:
+        bound = 1e-10 + 1e-10 * expected64.abs()
+    elif dtype == torch.float32:
+        bound = 1e-5 * scale if grad else 2e-6 + 2e-6 * expected64.abs()
+    else:
+        rounding = 0.5 * torch.finfo(dtype).eps * expected64.abs()
+        bound = rounding + (1e-4 * scale if grad else 1e-5 + 1e-5 * expected64.abs())
+    worst = (error - bound).max().item()
+    assert worst <= 0, f"{what}: error {error.max().item():.3g} exceeds the {dtype} tolerance"
+
+
+def _same_layout(y: torch.Tensor, x: torch.Tensor, layout: Layout) -> None:
+    """``y`` has ``x``'s shape, dtype and strides: channels-last stays channels-last."""
+    assert y.shape == x.shape
+    assert y.dtype == x.dtype
+    assert y.stride() == x.stride()
+    assert y.is_contiguous(memory_format=layout.memory_format) != layout.features_innermost
+
+
+@pytest.fixture
+def native_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The statuses of every ``native.train`` call made through :func:`batch_norm`."""
+    statuses: list[int] = []
+    original = native.train
+
+    def spy(*args: Any) -> tuple[torch.Tensor | None, int]:
+        y, status = original(*args)
+        statuses.append(status)
+        return y, status
+
+    monkeypatch.setattr(native, "train", spy)
+    return statuses
+
+
+@pytest.fixture
+def two_threads() -> Iterator[None]:
+    torch.set_num_threads(2)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(1)
+
+
+@pytest.fixture
+def without_native(monkeypatch: pytest.MonkeyPatch) -> str:
+    """The native kernels unavailable, as on a machine without a C compiler; returns the reason given."""
+    reason = "no C compiler found (test)"
+    library = native._Library()
+    library.tried, library.loaded, library.problem = True, False, reason
+    monkeypatch.setattr(native, "_library", library)
+    monkeypatch.setattr(native, "_CODES", {})
+    return reason
+
+
+# --- the training operator, on every layout and dtype ------------------------------------------------------------
+
+
+def _check_training(
+    layout: Layout,
+    dtype: torch.dtype,
+    momentum: float | None = 0.1,
+    with_weight: bool = True,
+    with_bias: bool = True,
+    call: Callable[..., tuple[torch.Tensor | None, int]] | None = None,
+) -> None:
+    x = layout.make(dtype).requires_grad_()
+    weight, bias = _parameters(layout.features, dtype)
+    weight = weight.requires_grad_() if with_weight else None
+    bias = bias.requires_grad_() if with_bias else None
+    running_mean, running_var, counter = _buffers(layout.features, dtype)
+    old_mean, old_var = running_mean.clone(), running_var.clone()
+    x_before = x.detach().clone()
+    operator = native.train if call is None else call
+    y, status = operator(x, weight, bias, running_mean, running_var, counter, layout.axis, momentum, EPS)
+    assert status == 0
+    assert y is not None
+    _same_layout(y, x, layout)
+    assert torch.equal(x.detach(), x_before)
+
+    grad_output = torch.randn(layout.shape, dtype=torch.float64).to(dtype)
+    leaves = [t for t in (x, weight, bias) if t is not None]
+    grads = torch.autograd.grad(y, leaves, grad_output)
+    cumulative = momentum is None or momentum < 0
+    expected = _reference(
+        x, layout.axis, weight, bias, old_mean, old_var, None if cumulative else momentum, 3, grad_output
+    )
+
+    stats_dtype = _accumulation(dtype)
+    _assert_close(y, expected.y, "y")
+    expected_mean, expected_var = _stats(expected)
+    _assert_close(running_mean, expected_mean, "running_mean", dtype=stats_dtype)
+    _assert_close(running_var, expected_var, "running_var", dtype=stats_dtype)
+    assert counter.item() == 4
+    assert counter.dtype == torch.int64
+    names = [name for name, t in (("x", x), ("weight", weight), ("bias", bias)) if t is not None]
+    for name, grad in zip(names, grads):
+        assert grad.dtype == (dtype if name == "x" else stats_dtype), name
+        _assert_close(grad, expected.grads[name], f"grad {name}", grad=True)
+
+
+@requires_native
+@pytest.mark.parametrize("dtype_name", list(DTYPES))
+@pytest.mark.parametrize("layout", LAYOUTS, ids=LAYOUT_IDS)
+def test_train_operator_matches_the_float64_reference(layout: Layout, dtype_name: str) -> None:
+    _check_training(layout, DTYPES[dtype_name])
+
+
+@requires_native
+@pytest.mark.parametrize("dtype_name", ["float64", "float32"])
+@pytest.mark.parametrize("layout", LAYOUTS, ids=LAYOUT_IDS)
+def test_train_operator_cumulative_average_with_the_counter(layout: Layout, dtype_name: str) -> None:
+    """momentum < 0 (None in Python): weight 1 / (counter + 1), here 1/4; the raw operator, as registered."""
+    _check_training(layout, DTYPES[dtype_name], momentum=-1.0, call=torch.ops.batchnorm.train.default)
+
+
+@requires_native
+@pytest.mark.parametrize("momentum", [0.0, 0.75, 1.0, None])
+def test_train_momentum_edges(momentum: float | None) -> None:
+    """Both branches of the lerp (weight below and above one half), the ends of [0, 1], and None."""
+    _check_training(LAYOUTS[0], torch.float64, momentum=momentum)
+
+
+@requires_native
+@pytest.mark.parametrize(
+    ("dtype_name", "with_weight", "with_bias"),
+    [
+        pytest.param(name, with_weight, with_bias, id=f"{name}-{label}")
+        for name in ("float32", "bfloat16", "float16")
+        for with_weight, with_bias, label in ((False, False, "none"), (True, False, "weight"), (False, True, "bias"))
+    ],
+)
+def test_train_operator_without_weight_or_bias(dtype_name: str, with_weight: bool, with_bias: bool) -> None:
+    _check_training(LAYOUTS[3], DTYPES[dtype_name], with_weight=with_weight, with_bias=with_bias)
+
+
+@requires_native
+@pytest.mark.parametrize("layout", [LAYOUTS[0], LAYOUTS[3], LAYOUTS[4]], ids=["dense", "nchw", "channels-last"])
+def test_train_operator_without_gradients(layout: Layout) -> None:
+    """No input needs a gradient (the call without autograd): with running statistics, then without any."""
+    x = layout.make(torch.float32)
+    weight, bias = _parameters(layout.features, torch.float32)
+    running_mean, running_var, counter = _buffers(layout.features, torch.float32)
+    expected = _reference(x, layout.axis, weight, bias, running_mean, running_var, 0.1, 3)
+    y, status = native.train(x, weight, bias, running_mean, running_var, counter, layout.axis, 0.1, EPS)
+    assert status == 0
+    assert y is not None
+    assert not y.requires_grad
+    _same_layout(y, x, layout)
+    _assert_close(y, expected.y, "y")
+    expected_mean, expected_var = _stats(expected)
+    _assert_close(running_mean, expected_mean, "running_mean")
+    _assert_close(running_var, expected_var, "running_var")
+    assert counter.item() == 4
+
+    y, status = native.train(x, weight, bias, None, None, counter, layout.axis, 0.1, EPS)
+    assert status == 0
+    assert y is not None
+    _same_layout(y, x, layout)
+    _assert_close(y, expected.y, "y without buffers")
+    assert counter.item() == 4  # counted only when running statistics are updated
+
+
+@requires_native
+@pytest.mark.parametrize("layout", [LAYOUTS[0], LAYOUTS[3]], ids=["dense", "nchw"])
+def test_train_operator_on_offset_data(layout: Layout) -> None:
+    """Data far from zero (|mean| / std ~ 1000): the shifted sums keep the variance accurate."""
+    x = (torch.randn(layout.shape, dtype=torch.float64) + 1000.0).float()
+    running_mean, running_var, counter = _buffers(layout.features, torch.float32)
+    y, status = native.train(x, None, None, running_mean, running_var, counter, layout.axis, 1.0, EPS)
+    assert status == 0
+    assert y is not None
+    expected = _reference(x, layout.axis, None, None, torch.zeros(layout.features), torch.ones(layout.features), 1.0)
+    expected_mean, expected_var = _stats(expected)
+    _assert_close(running_mean, expected_mean, "batch mean")
+    _assert_close(running_var, expected_var, "unbiased batch variance")
+    # y = (x - mean) * inv_std with the mean rounded to float32: an error of about eps32 * |x| / std.
+    error = (y.double() - expected.y).abs().max().item()
+    assert error <= 4 * torch.finfo(torch.float32).eps * 1001.0 / expected_var.min().sqrt().item()
+
+
+@requires_native
+@pytest.mark.parametrize("dtype_name", ["float32", "bfloat16"])
+def test_train_operator_on_rows_wider_than_a_chunk(dtype_name: str) -> None:
+    """Feature-last rows of more than 1024 features are summed 1024 features at a time."""
+    _check_training(Layout("dense-chunked", (10, 2100)), DTYPES[dtype_name])
+
+
+@requires_native
+@pytest.mark.parametrize(
+    ("shape", "leading"), [((4000, 3), (slice(0, 16),)), ((8, 3, 1000), (0, slice(None), slice(0, 64)))],
+    ids=["dense", "ncl"],
+)  # fmt: skip
+def test_train_operator_when_the_first_values_are_far_from_the_mean(shape: tuple[int, ...], leading: Any) -> None:
+    """The shift (the mean of the first rows or positions) lies far from the mean: the sums are taken again."""
+    x = torch.randn(shape, dtype=torch.float64) + 1000.0
+    x[leading] -= 1000.0
+    x = x.float()
+    features = shape[1]
+    running_mean, running_var, counter = _buffers(features, torch.float32)
+    y, status = native.train(x, None, None, running_mean, running_var, counter, 1, 1.0, EPS)
+    assert status == 0
+    assert y is not None
+    expected = _reference(x, 1, None, None, torch.zeros(features), torch.ones(features), 1.0)
+    expected_mean, expected_var = _stats(expected)
+    _assert_close(running_mean, expected_mean, "batch mean")
+    _assert_close(running_var, expected_var, "unbiased batch variance")
+    error = (y.double() - expected.y).abs().max().item()
+    assert error <= 4 * torch.finfo(torch.float32).eps * 1001.0 / expected_var.min().sqrt().item()
+
+
+# --- declines ------------------------------------------------------------------------------------------------------
+
+
+def _arguments(**changes: Any) -> dict[str, Any]:
+    """Valid float32 arguments for the operator on a (6, 4) input, with ``changes``."""
+    weight, bias = _parameters(4, torch.float32)
+    running_mean, running_var, counter = _buffers(4, torch.float32)
+    arguments: dict[str, Any] = {
+        "x": _data((6, 4)),
+        "weight": weight,
+        "bias": bias,
+        "running_mean": running_mean,
+        "running_var": running_var,
+        "counter": counter,
+        "axis": 1,
+        "momentum": 0.1,
+        "eps": EPS,
+    }
+    arguments.update(changes)
+    return arguments
+
+
+def _call(arguments: dict[str, Any]) -> tuple[torch.Tensor | None, int]:
+    a = arguments
+    return native.train(
+        a["x"], a["weight"], a["bias"], a["running_mean"], a["running_var"], a["counter"], a["axis"], a["momentum"],
+        a["eps"],
+    )  # fmt: skip
+
+
+def _snapshot(arguments: dict[str, Any]) -> dict[str, torch.Tensor]:
+    return {
+        name: value.detach().clone()
+        for name, value in arguments.items()
+        if isinstance(value, torch.Tensor) and value.device.type != "meta"
+    }
+
+
+def _assert_unchanged(arguments: dict[str, Any], before: dict[str, torch.Tensor]) -> None:
+    for name, value in before.items():
+        assert torch.equal(arguments[name].detach(), value), f"{name} changed"
+
+
+# Arguments the operator declines and batch_norm takes on its general path, with the tolerance dtype.
+GENERAL_DECLINES: dict[str, tuple[Callable[[], dict[str, Any]], torch.dtype]] = {
+    "strided-input": (lambda: {"x": _data((6, 8))[:, ::2]}, torch.float32),
+    "transposed-input": (lambda: {"x": _data((4, 6)).t()}, torch.float32),
+    "strided-nchw": (lambda: {"x": _data((4, 4, 5, 6))[:, :, ::2]}, torch.float32),
+    # Features innermost (stride 1) but the other axes not dense.
+    "sliced-columns": (lambda: {"x": _data((6, 8))[:, :4]}, torch.float32),
+    "sliced-channels-last": (
+        lambda: {"x": _data((4, 4, 5, 6)).contiguous(memory_format=torch.channels_last)[:, :, 1:]},
+        torch.float32,
+    ),
+    "sliced-sequence": (lambda: {"x": _data((3, 7, 4)).transpose(1, 2)[:, :, ::2]}, torch.float32),
+    "float64-weight": (lambda: {"weight": torch.linspace(0.5, 1.5, 4, dtype=torch.float64)}, torch.float32),
+    "float64-input-float32-parameters": (lambda: {"x": _data((6, 4), torch.float64)}, torch.float32),
+    "bfloat16-parameters": (
+        lambda: {
+            "x": _data((6, 4), torch.bfloat16),
+            "weight": torch.linspace(0.5, 1.5, 4).bfloat16(),
+            "bias": torch.linspace(-0.2, 0.3, 4).bfloat16(),
+        },
+        torch.bfloat16,
+    ),
+    "strided-weight": (lambda: {"weight": torch.linspace(0.5, 1.5, 8)[::2]}, torch.float32),
+    "strided-running-mean": (lambda: {"running_mean": torch.linspace(-0.5, 0.5, 8)[::2]}, torch.float32),
+    "float64-running-stats": (
+        lambda: {
+            "running_mean": torch.linspace(-0.5, 0.5, 4, dtype=torch.float64),
+            "running_var": torch.linspace(0.5, 2.0, 4, dtype=torch.float64),
+        },
+        torch.float32,
+    ),
+    "running-mean-requires-grad": (
+        lambda: {"running_mean": torch.linspace(-0.5, 0.5, 4).requires_grad_()},
+        torch.float32,
+    ),
+    "running-var-requires-grad": (
+        lambda: {"running_var": torch.linspace(0.5, 2.0, 4).requires_grad_()},
+        torch.float32,
+    ),
+    "int32-counter": (lambda: {"counter": torch.tensor(3, dtype=torch.int32)}, torch.float32),
+}
+
+# Arguments the operator declines and batch_norm rejects (or that are on another device).
+INVALID_DECLINES: dict[str, Callable[[], dict[str, Any]]] = {
+    "integer-input": lambda: {"x": torch.randint(-5, 5, (6, 4), dtype=torch.int32)},
+    "empty-input": lambda: {"x": torch.empty(0, 4)},
+    "one-value-per-feature": lambda: {"x": _data((1, 4))},
+    "one-value-per-feature-4d": lambda: {"x": _data((1, 4, 1, 1))},
+    "meta-input": lambda: {"x": torch.empty(6, 4, device="meta")},
+    "axis-out-of-range": lambda: {"axis": 2},
+    "weight-too-long": lambda: {"weight": torch.ones(5)},
+    "only-running-mean": lambda: {"running_var": None},
+    "float-counter": lambda: {"counter": torch.tensor(3.0)},
+    "momentum-above-one": lambda: {"momentum": 1.5},
+    "momentum-nan": lambda: {"momentum": math.nan},
+    "cumulative-without-counter": lambda: {"momentum": None, "counter": None},
+    "eps-zero": lambda: {"eps": 0.0},
+    "eps-negative": lambda: {"eps": -1e-5},
+}
+
+
+@requires_native
+@pytest.mark.parametrize("case", list(GENERAL_DECLINES) + list(INVALID_DECLINES))
+def test_train_operator_declines_and_changes_nothing(case: str) -> None:
+    make = GENERAL_DECLINES[case][0] if case in GENERAL_DECLINES else INVALID_DECLINES[case]
+    arguments = _arguments(**make())
+    before = _snapshot(arguments)
+    assert _call(arguments) == (None, -1)
+    _assert_unchanged(arguments, before)
+    arguments["x"] = arguments["x"].requires_grad_() if arguments["x"].is_floating_point() else arguments["x"]
+    assert _call(arguments) == (None, -1)  # the autograd branch declines the same arguments
+    _assert_unchanged(arguments, before)
+
+
+@requires_native
+@pytest.mark.parametrize("case", list(GENERAL_DECLINES))
+def test_batch_norm_takes_what_the_operator_declines(case: str, native_calls: list[int]) -> None:
+    make, tolerance = GENERAL_DECLINES[case]
+    arguments = _arguments(**make())
+    x = arguments["x"].requires_grad_()
+    weight = arguments["weight"].detach().requires_grad_()
+    bias = arguments["bias"].detach().requires_grad_()
+    running_mean, running_var, counter = arguments["running_mean"], arguments["running_var"], arguments["counter"]
+    old_mean, old_var = running_mean.detach().clone(), running_var.detach().clone()
+    y = batch_norm(x, running_mean, running_var, weight, bias, True, 0.1, EPS, 1, num_batches_tracked=counter)
+    assert native_calls == [-1]  # asked, declined, then the general path
+    grad_output = torch.randn(y.shape, dtype=torch.float64).to(y.dtype)
+    grads = torch.autograd.grad(y, (x, weight, bias), grad_output)
+    expected = _reference(x, 1, weight, bias, old_mean, old_var, 0.1, 3, grad_output)
+    _assert_close(y, expected.y, "y", dtype=tolerance)
+    expected_mean, expected_var = _stats(expected)
+    _assert_close(running_mean, expected_mean, "running_mean", dtype=torch.float32)
+    _assert_close(running_var, expected_var, "running_var", dtype=torch.float32)
+    assert counter.item() == 4
+    for name, grad in zip(("x", "weight", "bias"), grads):
+        _assert_close(grad, expected.grads[name], f"grad {name}", grad=True, dtype=tolerance)
+
+
+@requires_native
+@pytest.mark.parametrize("case", ["requires-grad", "weight-requires-grad", "strided-input", "float64-stats", "eps-0"])
+def test_inference_operator_declines(case: str) -> None:
+    x = _data((6, 4))
+    weight, bias = _parameters(4, torch.float32)
+    running_mean, running_var, _ = _buffers(4, torch.float32)
+    eps = EPS
+    if case == "requires-grad":
+        x.requires_grad_()
+    elif case == "weight-requires-grad":
+        weight.requires_grad_()
+    elif case == "strided-input":
+        x = _data((6, 8))[:, ::2]
+    elif case == "float64-stats":
+        running_mean, running_var = running_mean.double(), running_var.double()
+    else:
+        eps = 0.0
+    before = (x.detach().clone(), running_mean.clone(), running_var.clone())
+    assert native.inference(x, running_mean, running_var, weight, bias, 1, eps) is None
+    assert all(torch.equal(a, b) for a, b in zip(before, (x.detach(), running_mean, running_var)))
+
+
+# --- non-finite batches --------------------------------------------------------------------------------------------
+
+NONFINITE_LAYOUTS = [Layout("dense", (8, 3)), LAYOUTS[3], LAYOUTS[4]]
+
+
+def _poisoned(layout: Layout, value: float) -> torch.Tensor:
+    x = layout.make(torch.float32)
+    index = [0] * len(layout.shape)
+    index[layout.axis] = 1
+    x[tuple(index)] = value  # feature 1 only
+    return x
+
+
+@requires_native
+@pytest.mark.parametrize("value", [math.nan, math.inf], ids=["nan", "inf"])
+@pytest.mark.parametrize("layout", NONFINITE_LAYOUTS, ids=[layout.name for layout in NONFINITE_LAYOUTS])
+def test_train_operator_reports_a_nonfinite_batch(layout: Layout, value: float) -> None:
+    x = _poisoned(layout, value).requires_grad_()
+    weight, bias = _parameters(layout.features, torch.float32)
+    running_mean, running_var, counter = _buffers(layout.features, torch.float32)
+    before = (running_mean.clone(), running_var.clone())
+    y, status = native.train(x, weight, bias, running_mean, running_var, counter, layout.axis, 0.1, EPS)
+    assert status == 1
+    assert y is not None
+    assert torch.equal(running_mean, before[0])
+    assert torch.equal(running_var, before[1])
+    assert counter.item() == 3
+    # The features without the bad value are normalized as usual.
+    expected = _reference(x, layout.axis, weight, bias)
+    assert not y.select(layout.axis, 1).isfinite().all()
+    for feature in (0, 2):
+        _assert_close(y.select(layout.axis, feature), expected.y.select(layout.axis, feature), f"y feature {feature}")
+
+
+@requires_native
+@pytest.mark.parametrize("value", [math.nan, math.inf], ids=["nan", "inf"])
+@pytest.mark.parametrize("layout", NONFINITE_LAYOUTS, ids=[layout.name for layout in NONFINITE_LAYOUTS])
+def test_batch_norm_raises_or_skips_a_nonfinite_batch(layout: Layout, value: float, native_calls: list[int]) -> None:
+    weight, bias = _parameters(layout.features, torch.float32)
+    running_mean, running_var, counter = _buffers(layout.features, torch.float32)
+    before = (running_mean.clone(), running_var.clone())
+    x = _poisoned(layout, value)
+    with pytest.raises(NonfiniteBatchError):
+        batch_norm(
+            x.requires_grad_(), running_mean, running_var, weight, bias, True, None, EPS, 1,
+            num_batches_tracked=counter,
+        )  # fmt: skip
+    assert torch.equal(running_mean, before[0])
+    assert torch.equal(running_var, before[1])
+    assert counter.item() == 3
+    y = batch_norm(
+        x.detach(), running_mean, running_var, weight, bias, True, 0.1, EPS, 1, num_batches_tracked=counter,
+        nonfinite="skip",
+    )  # fmt: skip
+    assert y.shape == x.shape
+    assert torch.equal(running_mean, before[0])
+    assert torch.equal(running_var, before[1])
+    assert counter.item() == 3
+    assert native_calls == [1, 1]  # both decided by the native operator
+
+
+# --- double backward -----------------------------------------------------------------------------------------------
+
+
+@requires_native
+@pytest.mark.parametrize("with_bias", [True, False], ids=["weight-bias", "weight-only"])
+@pytest.mark.parametrize("shape", [(6, 4), (3, 2, 4)], ids=["6x4", "3x2x4"])
+def test_gradcheck_and_gradgradcheck_through_batch_norm(
+    shape: tuple[int, ...], with_bias: bool, native_calls: list[int]
+) -> None:
+    features = shape[1]
+    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    weight = torch.linspace(0.5, 1.5, features, dtype=torch.float64).requires_grad_()
+    bias = torch.linspace(-0.2, 0.3, features, dtype=torch.float64).requires_grad_()
+    running_mean, running_var, counter = _buffers(features, torch.float64)
+
+    def function(*inputs: torch.Tensor) -> torch.Tensor:
+        b = inputs[2] if with_bias else None
+        return batch_norm(
+            inputs[0], running_mean, running_var, inputs[1], b, True, 0.1, EPS, 1, num_batches_tracked=counter
+        )
+
+    inputs = (x, weight, bias) if with_bias else (x, weight)
+    assert torch.autograd.gradcheck(function, inputs)
+    assert torch.autograd.gradgradcheck(function, inputs)
+    assert native_calls
+    assert set(native_calls) == {0}  # every call ran the native operator
+
+
+CREATE_GRAPH_LAYOUTS = [LAYOUTS[0], LAYOUTS[3], LAYOUTS[4], LAYOUTS[6]]
+
+
+@requires_native
+@pytest.mark.parametrize("dtype_name", ["float64", "float32", "bfloat16"])
+@pytest.mark.parametrize("layout", CREATE_GRAPH_LAYOUTS, ids=[layout.name for layout in CREATE_GRAPH_LAYOUTS])
+def test_gradients_with_create_graph_match_the_reference(layout: Layout, dtype_name: str) -> None:
+    """create_graph=True takes the composite backward: its first and second derivatives against torch's in float64.
+
+    (gradgradcheck alone cannot see an error of the composite: its numerical and
+    analytical sides both differentiate the same composite first derivative.)
+    """
+    dtype = DTYPES[dtype_name]
+    x = layout.make(dtype).requires_grad_()
+    weight, bias = (t.requires_grad_() for t in _parameters(layout.features, dtype))
+    running_mean, running_var, counter = _buffers(layout.features, dtype)
+    y, status = native.train(x, weight, bias, running_mean, running_var, counter, layout.axis, 0.1, EPS)
+    assert status == 0
+    assert y is not None
+    grad_output = torch.randn(layout.shape, dtype=torch.float64).to(dtype)
+    grads = torch.autograd.grad(y, (x, weight, bias), grad_output, create_graph=True)
+
+    feature = layout.axis % len(layout.shape)
+    x64, w64, b64 = (t.detach().double().requires_grad_() for t in (x, weight, bias))
+    y64 = F.batch_norm(x64.movedim(feature, 1), None, None, w64, b64, True, 0.0, EPS).movedim(1, feature)
+    grads64 = torch.autograd.grad(y64, (x64, w64, b64), grad_output.double(), create_graph=True)
+    for name, grad, expected in zip(("x", "weight", "bias"), grads, grads64):
+        _assert_close(grad, expected, f"grad {name}", grad=True)
+    if dtype == torch.bfloat16:
+        return
+    probe = torch.randn(layout.shape, dtype=torch.float64)
+    probe_weight = torch.randn(layout.features, dtype=torch.float64)
+    second = torch.autograd.grad(
+        (grads[0] * probe.to(dtype)).sum() + (grads[1] * probe_weight.to(grads[1].dtype)).sum(), (x, weight)
+    )
+    second64 = torch.autograd.grad((grads64[0] * probe).sum() + (grads64[1] * probe_weight).sum(), (x64, w64))
+    for name, grad, expected in zip(("x", "weight"), second, second64):
+        _assert_close(grad, expected, f"second derivative, {name}", grad=True)
+
+
+@requires_native
+@pytest.mark.parametrize("leaves", ["x", "weight", "bias", "weight-bias", "x-bias"])
+def test_gradients_of_some_inputs_only(leaves: str) -> None:
+    """Only some of x, weight and bias need a gradient: the backward must give each its own."""
+    layout = LAYOUTS[3]
+    x = layout.make(torch.float32)
+    weight, bias = _parameters(layout.features, torch.float32)
+    named = {"x": x, "weight": weight, "bias": bias}
+    wanted = leaves.split("-")
+    for name in wanted:
+        named[name].requires_grad_()
+    y, status = native.train(x, weight, bias, None, None, None, layout.axis, 0.1, EPS)
+    assert status == 0
+    assert y is not None
+    grad_output = torch.randn(layout.shape)
+    grads = torch.autograd.grad(y, [named[name] for name in wanted], grad_output)
+    expected = _reference(x, layout.axis, weight, bias, grad_output=grad_output)
+    for name, grad in zip(wanted, grads):
+        assert grad.dtype == torch.float32
+        _assert_close(grad, expected.grads[name], f"grad {name}", grad=True)
+
+
+# --- threads -------------------------------------------------------------------------------------------------------
+
+THREADED_LAYOUTS = [
+    Layout("nchw", (64, 16, 8, 8)),
+    Layout("dense", (4096, 40)),
+    Layout("dense-wide", (600, 100)),
+    Layout("channels-last", (16, 32, 16, 16), memory_format=torch.channels_last),
+]
+
+
+def _team_size(numel: int) -> int | None:
+    path = native.library_path()
+    if path is None:
+        return None
+    library = ctypes.CDLL(str(path))
+    library.bn_team_size.restype = ctypes.c_int
+    library.bn_team_size.argtypes = [ctypes.c_int64]
+    return int(library.bn_team_size(numel))
+
+
+def _run_training(layout: Layout, x: torch.Tensor, grad_output: torch.Tensor) -> list[torch.Tensor]:
+    x = layout.like(x.detach()).requires_grad_()
+    weight, bias = (t.requires_grad_() for t in _parameters(layout.features, x.dtype))
+    running_mean, running_var, counter = _buffers(layout.features, x.dtype)
+    y, status = native.train(x, weight, bias, running_mean, running_var, counter, layout.axis, 0.1, EPS)
+    assert status == 0
+    assert y is not None
+    _same_layout(y, x, layout)
+    grads = torch.autograd.grad(y, (x, weight, bias), grad_output)
+    assert counter.item() == 4
+    return [y.detach(), running_mean, running_var, *grads]
+
+
+@requires_native
+@pytest.mark.parametrize("layout", THREADED_LAYOUTS, ids=[layout.name for layout in THREADED_LAYOUTS])
+def test_two_threads_match_the_reference_and_one_thread(layout: Layout, two_threads: None) -> None:
+    assert layout.make(torch.float32).numel() > 32768
+    x = layout.make(torch.float32)
+    grad_output = layout.like(torch.randn(layout.shape))
+    two = _run_training(layout, x, grad_output)
+    weight, bias = _parameters(layout.features, torch.float32)
+    old_mean, old_var, _ = _buffers(layout.features, torch.float32)
+    expected = _reference(x, layout.axis, weight, bias, old_mean, old_var, 0.1, 3, grad_output)
+    targets = [expected.y, *_stats(expected), *expected.grads.values()]
+    names = ["y", "running_mean", "running_var", "grad x", "grad weight", "grad bias"]
+    for index, (actual, target, name) in enumerate(zip(two, targets, names)):
+        _assert_close(actual, target, f"{name} (2 threads)", grad=index >= 3)
+    torch.set_num_threads(1)
+    one = _run_training(layout, x, grad_output)
+    for index, (a, b, name) in enumerate(zip(two, one, names)):
+        _assert_close(a, b.double(), f"{name} (1 thread vs 2)", grad=index >= 3)
+
+
+@requires_native
+def test_the_library_follows_torch_thread_count(two_threads: None) -> None:
+    if native.library_path() is None:
+        pytest.skip("the operators were registered by another library in this process")
+    assert _team_size(1 << 20) == 2
+    assert _team_size(32767) == 1  # below the grain: one thread
+    assert _team_size(40000) == 1  # one grain's worth of work per thread at most
+    assert _team_size(65536) == 2
+    torch.set_num_threads(1)
+    assert _team_size(1 << 20) == 1
+
+
+@requires_native
+def test_a_new_python_thread_follows_torch_thread_count() -> None:
+    """torch.set_num_threads(1) (conftest), then a native call in a fresh Python thread: its kernels use one thread.
+
+    PyTorch sets each thread's OpenMP count lazily; the operators ask for it before running, so a
+    thread whose first PyTorch call is ours still follows ``torch.set_num_threads``.
+    """
+    if native.library_path() is None:
+        pytest.skip("the operators were registered by another library in this process")
+    assert torch.get_num_threads() == 1
+    seen: dict[str, int | None] = {}
+
+    def work() -> None:
+        batch_norm(torch.randn(8, 4), None, None, training=True)  # the thread's first PyTorch call
+        seen["team"] = _team_size(1 << 20)
+
+    thread = threading.Thread(target=work)
+    thread.start()
+    thread.join()
+    assert seen["team"] == 1
+
+
+# --- large float32 outputs: streaming stores -----------------------------------------------------------------------
+
+LARGE_LAYOUTS = [
+    Layout("nchw-4MiB", (4, 64, 64, 64)),  # exactly 4 MiB of float32
+    Layout("dense", (2048, 600)),
+    Layout("nchw-unaligned-rows", (10, 7, 123, 131)),  # rows of 131 floats: not 32-byte multiples
+    Layout("dense-unaligned-rows", (20000, 55)),
+    Layout("channels-last", (4, 64, 64, 64), memory_format=torch.channels_last),
+]
+
+
+@requires_native
+@pytest.mark.parametrize("layout", LARGE_LAYOUTS, ids=[layout.name for layout in LARGE_LAYOUTS])
+def test_large_float32_outputs_match_the_reference(layout: Layout) -> None:
+    x = layout.make(torch.float32)
+    assert x.numel() * 4 >= 4 << 20
+    grad_output = torch.randn(layout.shape)
+    trained = _run_training(layout, x, grad_output)
+    weight, bias = _parameters(layout.features, torch.float32)
+    old_mean, old_var, _ = _buffers(layout.features, torch.float32)
+    expected = _reference(x, layout.axis, weight, bias, old_mean, old_var, 0.1, 3, grad_output)
+    targets = [expected.y, *_stats(expected), *expected.grads.values()]
+    names = ["y", "running_mean", "running_var", "grad x", "grad weight", "grad bias"]
+    for index, (actual, target, name) in enumerate(zip(trained, targets, names)):
+        _assert_close(actual, target, name, grad=index >= 3)
+
+    y = native.inference(x, old_mean, old_var, weight, bias, layout.axis, EPS)
+    assert y is not None
+    _same_layout(y, x, layout)
+    _assert_close(y, _reference(x, layout.axis, weight, bias, old_mean, old_var, training=False).y, "eval y")
+
+
+# --- eval through batch_norm ---------------------------------------------------------------------------------------
+
+
+@requires_native
+@pytest.mark.parametrize("dtype_name", list(DTYPES))
+@pytest.mark.parametrize("layout", LAYOUTS, ids=LAYOUT_IDS)
+def test_eval_matches_the_float64_reference(layout: Layout, dtype_name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    dtype = DTYPES[dtype_name]
+    calls: list[bool] = []
+    original = native.inference
+
+    def spy(*args: Any) -> torch.Tensor | None:
+        y = original(*args)
+        calls.append(y is not None)
+        return y
+
+    monkeypatch.setattr(native, "inference", spy)
+    x = layout.make(dtype)
+    weight, bias = _parameters(layout.features, dtype)
+    running_mean, running_var, counter = _buffers(layout.features, dtype)
+    before = (running_mean.clone(), running_var.clone())
+    y = batch_norm(
+        x, running_mean, running_var, weight, bias, False, 0.1, EPS, layout.axis, num_batches_tracked=counter
+    )
+    assert calls == [True]
+    _same_layout(y, x, layout)
+    _assert_close(y, _reference(x, layout.axis, weight, bias, running_mean, running_var, training=False).y, "y")
+    assert torch.equal(running_mean, before[0])
+    assert torch.equal(running_var, before[1])
+    assert counter.item() == 3
+
+
+@requires_native
+@pytest.mark.parametrize("layout", LAYOUTS, ids=LAYOUT_IDS)
+def test_eval_with_gradients_falls_back_and_is_differentiable(layout: Layout) -> None:
+    x = layout.make(torch.float32).requires_grad_()
+    weight, bias = (t.requires_grad_() for t in _parameters(layout.features, torch.float32))
+    running_mean, running_var, _ = _buffers(layout.features, torch.float32)
+    assert native.inference(x, running_mean, running_var, weight, bias, layout.axis, EPS) is None
+    y = batch_norm(x, running_mean, running_var, weight, bias, False, 0.1, EPS, layout.axis)
+    assert y.requires_grad
+    assert y.grad_fn is not None
+    grad_output = torch.randn(layout.shape)
+    grads = torch.autograd.grad(y, (x, weight, bias), grad_output)
+    expected = _reference(x, layout.axis, weight, bias, running_mean, running_var, None, 0, grad_output, False)
+    _assert_close(y, expected.y, "y")
+    for name, grad in zip(("x", "weight", "bias"), grads):
+        _assert_close(grad, expected.grads[name], f"grad {name}", grad=True)
+
+
+# --- fallbacks: no library -----------------------------------------------------------------------------------------
+
+
+def test_without_the_library_batch_norm_falls_back(without_native: str) -> None:
+    assert not native.available()
+    assert native.failure() == without_native
+    assert not native.supports(torch.float32)
+    assert native.code(torch.float32) is None
+    layout = LAYOUTS[3]
+    x = layout.make(torch.float32).requires_grad_()
+    for mode in ("train", "eval"):
+        assert kernels.plan(x, mode).forward != "native"  # type: ignore[arg-type]
+        assert kernels.plan(x, mode).backward != "native"  # type: ignore[arg-type]
+    with kernels.use_kernel("native"):
+        forced = kernels.plan(x, "train")
+    assert forced.forward != "native"
+    assert without_native in forced.reason
+
+    weight, bias = (t.requires_grad_() for t in _parameters(layout.features, torch.float32))
+    running_mean, running_var, counter = _buffers(layout.features, torch.float32)
+    old_mean, old_var = running_mean.clone(), running_var.clone()
+    y = batch_norm(x, running_mean, running_var, weight, bias, True, None, EPS, 1, num_batches_tracked=counter)
+    grad_output = torch.randn(layout.shape)
+    grads = torch.autograd.grad(y, (x, weight, bias), grad_output)
+    expected = _reference(x, 1, weight, bias, old_mean, old_var, None, 3, grad_output)
+    _assert_close(y, expected.y, "y")
+    expected_mean, expected_var = _stats(expected)
+    _assert_close(running_mean, expected_mean, "running_mean")
+    _assert_close(running_var, expected_var, "running_var")
+    assert counter.item() == 4
+    for name, grad in zip(("x", "weight", "bias"), grads):
+        _assert_close(grad, expected.grads[name], f"grad {name}", grad=True)
+    with kernels.use_kernel("native"):
+        forced_y = batch_norm(x.detach(), running_mean, running_var, weight, bias, False, 0.1, EPS, 1)
+    _assert_close(forced_y, _reference(x, 1, weight, bias, running_mean, running_var, training=False).y, "eval y")
+
+
+@pytest.mark.parametrize("setting", ["0", "off", "false", "No"])
+def test_disabled_by_the_environment(setting: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(native.NATIVE_ENV_VAR, setting)
+    library = native._Library()
+    assert library.get() is False
+    assert library.tried
+    assert library.problem is not None
+    assert "BATCHNORM_NATIVE" in library.problem
+    assert library.get() is False  # remembered
+    monkeypatch.setattr(native, "_library", library)
+    monkeypatch.setattr(native, "_CODES", {})
+    assert not native.available()
+    assert "BATCHNORM_NATIVE" in (native.failure() or "")
+    with pytest.raises(RuntimeError, match="BATCHNORM_NATIVE"):
+        native.build()
+    x = _data((6, 4))
+    y = batch_norm(x, None, None, None, None, True)
+    _assert_close(y, _reference(x, 1, None, None).y, "y")
+
+
+def test_a_missing_compiler_is_reported(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.delenv(native.NATIVE_ENV_VAR, raising=False)
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("BATCHNORM_CACHE_DIR", str(tmp_path / "cache"))
+    library = native._Library()
+    # get() would find the operators this process has already registered; ask the build step itself.
+    assert library._ensure_built() is None
+    assert library.problem is not None
+    assert "compiler" in library.problem
+    assert "CC" in library.problem
+    assert not (tmp_path / "cache").exists()  # nothing was written
+
+
+@pytest.mark.skipif(shutil.which("false") is None or shutil.which("c++") is None, reason="needs false and c++")
+def test_a_failing_compiler_is_reported(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    false = shutil.which("false")
+    assert false is not None
+    if not (Path(torch.__file__).parent / "include" / "torch" / "library.h").exists():
+        pytest.skip("this PyTorch installation has no C++ headers")
+    monkeypatch.setenv("CC", false)
+    monkeypatch.setenv("BATCHNORM_CACHE_DIR", str(tmp_path))
+    library = native._Library()
+    assert library._ensure_built() is None
+    assert library.problem is not None
+    assert library.problem.startswith("compilation failed")
+    assert false in library.problem
+    assert not list(tmp_path.glob("*.so"))
+
+
+@pytest.mark.skipif(shutil.which("cc") is None or shutil.which("c++") is None, reason="needs cc and c++")
+def test_a_fresh_build_is_reused_without_compiling(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The one test that compiles (15-30 s): into an empty cache, then found there by a second library."""
+    if not (Path(torch.__file__).parent / "include" / "torch" / "library.h").exists():
+        pytest.skip("this PyTorch installation has no C++ headers")
+    monkeypatch.setenv("BATCHNORM_CACHE_DIR", str(tmp_path))
+    first = native._Library()
+    path = first._ensure_built()
+    assert path is not None, first.problem
+    assert path.parent == tmp_path
+    assert path.name.startswith("native-")
+    assert path.suffix == ".so"
+    assert path.stat().st_size > 0
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith("batchnorm-build-")]  # the work folder is gone
+
+    def no_compiling(*args: Any) -> None:
+        raise AssertionError("compiled again")
+
+    monkeypatch.setattr(native, "_compile", no_compiling)
+    second = native._Library()
+    assert second._ensure_built() == path
+    assert second.problem is None
+
+
+# --- sizes, codes ---------------------------------------------------------------------------------------------------
+
+
+def test_sizes_of_dense_layouts() -> None:
+    nchw = torch.empty(4, 3, 5, 6)
+    assert native.sizes(nchw, 1) == (4, 3, 30)
+    assert native.sizes(nchw, 0) == (1, 4, 90)
+    assert native.sizes(nchw, 3) == (60, 6, 1)
+    assert native.sizes(nchw.contiguous(memory_format=torch.channels_last), 1) == (120, 3, 1)
+    assert native.sizes(torch.empty(2, 3, 2, 3, 4).contiguous(memory_format=torch.channels_last_3d), 1) == (48, 3, 1)
+    assert native.sizes(torch.empty(3, 4, 5), 2) == (12, 5, 1)
+    assert native.sizes(torch.empty(12, 5), 1) == (12, 5, 1)
+    assert native.sizes(torch.empty(4, 6).t(), 0) == (4, 6, 1)  # features innermost
+
+
+def test_sizes_of_layouts_that_are_not_dense() -> None:
+    assert native.sizes(torch.empty(6, 8)[:, ::2], 1) is None
+    assert native.sizes(torch.empty(4, 6).t(), 1) is None
+    assert native.sizes(torch.empty(4, 4, 5, 6)[:, :, ::2], 1) is None
+    assert native.sizes(torch.empty(4, 3, 5, 6).contiguous(memory_format=torch.channels_last)[:, :, 1:], 1) is None
+
+
+@requires_native
+def test_codes_of_dtypes() -> None:
+    assert native.code(torch.float32) == 0
+    assert native.code(torch.float64) == 1
+    assert native.code(torch.bfloat16) == 2
+    assert native.supports(torch.float32)
+    assert not native.supports(torch.int32)
+    assert native.code(torch.int64) is None
+    assert native.failure() is None
+    path = native.library_path()
+    assert path is None or path.exists()
