@@ -8,9 +8,11 @@ Import as ``import batchnorm as bn``:
   :class:`BatchNorm3d`: drop-in modules; :func:`convert` swaps torch's for ours.
 - :class:`BatchNormAct`: BN fused with an activation, saving half the memory for backward.
 - :func:`explain`: what every BN layer of a model computes on a real batch.
+- :mod:`batchnorm.kernels` (which kernels a call gets) and :mod:`batchnorm.native`
+  (the native CPU kernels, compiled once on this machine).
 """
 
-from batchnorm import functional, reference
+from batchnorm import functional, kernels, native, reference
 from batchnorm.functional import NonfiniteBatchError
 from batchnorm.fused import BatchNormAct
 from batchnorm.inspect import explain
@@ -30,5 +32,7 @@ __all__ = [
     "explain",
     "functional",
     "is_batch_norm",
+    "kernels",
+    "native",
     "reference",
 ]

@@ -281,7 +281,9 @@ class Plan:
 def _is_feature_last(x: Tensor, feature: int | None) -> bool:
     """Whether ``x`` (a ``(B, C, S)`` view, or an input with its feature axis) has the features innermost in memory."""
     if feature is None:
-        return x.shape[2] == 1
+        if x.dim() == 3:
+            return x.shape[2] == 1
+        feature = 1 if x.dim() > 1 else 0  # an input with the default feature axis
     positions = 1
     for size in x.shape[feature + 1 :]:
         positions *= size
@@ -292,8 +294,9 @@ def plan(x: Tensor, mode: Mode = "train", feature: int | None = None) -> Plan:
     """Choose the kernels for ``x`` in ``mode`` (``train`` or ``eval``).
 
     ``x`` is a ``(B, C, S)`` view, or any input when its (canonical) ``feature``
-    axis is given; the choice depends on the dtype, the device, the number of
-    values and whether the features are innermost in memory (feature-last).
+    axis is given (an input of another rank without it: axis 1); the choice
+    depends on the dtype, the device, the number of values and whether the
+    features are innermost in memory (feature-last).
 
     Rules under ``auto``, from ``batchnorm bench`` on a 2-core CPU (figures in
     ``benchmarks/README.md``):
