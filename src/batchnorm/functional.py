@@ -504,6 +504,7 @@ def _native_training(
         and input.is_cpu
         and native.code(input.dtype) is not None
         and kernels._auto_unlogged()
+        and not torch.compiler.is_compiling()
     ):
         return None
     try:
@@ -536,6 +537,7 @@ def _native_inference(
         and input.is_cpu
         and native.code(input.dtype) is not None
         and kernels._auto_unlogged()
+        and not torch.compiler.is_compiling()
     ):
         return None
     try:

@@ -374,8 +374,12 @@ def plan(x: Tensor, mode: Mode = "train", feature: int | None = None) -> Plan:
 
 
 def native_ready(x: Tensor) -> bool:
-    """Whether the native kernels can run ``x``: a CPU tensor of a dtype they have, and the library built."""
-    return x.is_cpu and native.supports(x.dtype)
+    """Whether the native kernels can run ``x``: a CPU tensor of a dtype they have, and the library built.
+
+    Not while ``torch.compile`` traces: Dynamo cannot trace into the operators, and the other kernels
+    are plain PyTorch operations that the caller's compilation fuses itself.
+    """
+    return x.is_cpu and native.supports(x.dtype) and not torch.compiler.is_compiling()
 
 
 def _auto_unlogged() -> bool:
