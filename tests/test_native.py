@@ -1010,3 +1010,33 @@ def test_codes_of_dtypes() -> None:
     assert native.failure() is None
     path = native.library_path()
     assert path is None or path.exists()
+
+
+# --- torch.compile -------------------------------------------------------------------------------------------------
+
+
+def test_torch_compile_runs_without_tracing_into_the_native_operators() -> None:
+    """Under ``torch.compile`` the native operators step aside (Dynamo cannot trace them): same numbers, no warning."""
+    import warnings
+
+    from batchnorm import BatchNorm1d
+
+    torch.manual_seed(0)
+    ours = torch.nn.Sequential(torch.nn.Linear(8, 16), BatchNorm1d(16), torch.nn.ReLU())
+    theirs = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.BatchNorm1d(16), torch.nn.ReLU())
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.randn(32, 8)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")  # importing Inductor warns about PyTorch's own deprecations
+        compiled = torch.compile(ours)
+        y = compiled(x)
+        y.sum().backward()
+    expected = theirs(x)
+    expected.sum().backward()
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours[1].running_mean, theirs[1].running_mean, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(ours[1].running_var, theirs[1].running_var, rtol=1e-6, atol=1e-6)
+    assert ours[1].weight.grad is not None
+    assert theirs[1].weight.grad is not None
+    torch.testing.assert_close(ours[1].weight.grad, theirs[1].weight.grad, rtol=1e-5, atol=1e-5)
+    assert not [w for w in caught if "torch._ops.batchnorm" in str(w.message)]
