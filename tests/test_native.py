@@ -25,6 +25,7 @@ import ctypes
 import math
 import shutil
 import threading
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -1017,8 +1018,6 @@ def test_codes_of_dtypes() -> None:
 
 def test_torch_compile_runs_without_tracing_into_the_native_operators() -> None:
     """Under ``torch.compile`` the native operators step aside (Dynamo cannot trace them): same numbers, no warning."""
-    import warnings
-
     from batchnorm import BatchNorm1d
 
     torch.manual_seed(0)
@@ -1040,3 +1039,125 @@ def test_torch_compile_runs_without_tracing_into_the_native_operators() -> None:
     assert theirs[1].weight.grad is not None
     torch.testing.assert_close(ours[1].weight.grad, theirs[1].weight.grad, rtol=1e-5, atol=1e-5)
     assert not [w for w in caught if "torch._ops.batchnorm" in str(w.message)]
+
+
+# --- edges found in review: empty batches, momentum, forward-mode AD, torch.func, raw operators ----------------------
+
+
+@pytest.mark.parametrize(("shape", "axis"), [((0, 3), 1), ((2, 3, 0), 1), ((0, 3, 4, 4), 1), ((0, 5, 3), -1)], ids=str)
+def test_eval_of_an_empty_batch_returns_an_empty_output(shape: tuple[int, ...], axis: int) -> None:
+    """PyTorch returns an empty tensor for an empty eval batch; so must we, on every path."""
+    x = torch.randn(shape)
+    y = batch_norm(x, torch.zeros(3), torch.ones(3), training=False, axis=axis)
+    assert y.shape == x.shape
+    if axis == 1:
+        module = {2: torch.nn.BatchNorm1d, 3: torch.nn.BatchNorm1d, 4: torch.nn.BatchNorm2d}[x.dim()]
+        from batchnorm.modules import convert
+
+        assert convert(module(3).eval())(x).shape == x.shape
+
+
+@pytest.mark.parametrize("momentum", [-0.5, 1.5, math.nan])
+@pytest.mark.parametrize("buffers", [True, False], ids=["buffers", "no-buffers"])
+def test_a_momentum_outside_zero_one_is_an_error(momentum: float, buffers: bool) -> None:
+    """The operator reads a negative momentum as "cumulative": the Python side must never pass one."""
+    x = torch.randn(8, 3, 5)
+    running = (torch.zeros(3), torch.ones(3)) if buffers else (None, None)
+    counter = torch.tensor(0)
+    with pytest.raises(ValueError, match="expected momentum in"):
+        batch_norm(x, *running, None, None, True, momentum=momentum, num_batches_tracked=counter)
+    assert counter.item() == 0
+    if buffers:
+        assert running[0] is not None
+        assert torch.equal(running[0], torch.zeros(3))
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("shape", [(8, 3, 5), (12, 4)], ids=str)
+def test_forward_mode_tangents_match_torch(training: bool, shape: tuple[int, ...]) -> None:
+    import torch.autograd.forward_ad as forward_ad
+
+    x = torch.randn(shape, dtype=torch.float64)
+    tangent = torch.randn_like(x)
+    features = shape[1]
+    results = []
+    for op in (batch_norm, F.batch_norm):
+        running = (torch.zeros(features, dtype=torch.float64), torch.ones(features, dtype=torch.float64))
+        with forward_ad.dual_level(), warnings.catch_warnings():
+            # make_dual loads PyTorch's forward-AD decompositions, which use deprecated torch.jit.script
+            warnings.simplefilter("ignore", DeprecationWarning)
+            y = op(forward_ad.make_dual(x, tangent), *running, None, None, training)
+            results.append((forward_ad.unpack_dual(y).primal, forward_ad.unpack_dual(y).tangent))
+    (ours, our_tangent), (theirs, their_tangent) = results
+    assert our_tangent is not None
+    torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(our_tangent, their_tangent, rtol=1e-10, atol=1e-10)
+
+
+def test_torch_func_grad_and_jvp_match_torch() -> None:
+    x = torch.randn(8, 3, 5, dtype=torch.float64)
+    tangent = torch.randn_like(x)
+
+    def ours(t: torch.Tensor) -> torch.Tensor:
+        return batch_norm(t, None, None, None, None, True)
+
+    def theirs(t: torch.Tensor) -> torch.Tensor:
+        return F.batch_norm(t, None, None, None, None, True)
+
+    with warnings.catch_warnings():  # PyTorch's forward-AD decompositions use deprecated torch.jit.script
+        warnings.simplefilter("ignore", DeprecationWarning)
+        grads = [torch.func.grad(lambda t, f=f: f(t).pow(3).sum())(x) for f in (ours, theirs)]
+        jvps = [torch.func.jvp(f, (x,), (tangent,))[1] for f in (ours, theirs)]
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(jvps[0], jvps[1], rtol=1e-10, atol=1e-10)
+
+
+@requires_native
+def test_supports_agrees_with_the_library() -> None:
+    """float16 kernels exist only when the compiler has _Float16; Python must ask the library, not assume."""
+    for dtype, code in native.DTYPES.items():
+        assert native.supports(dtype) == bool(torch.ops.batchnorm.supports(code))
+    assert not torch.ops.batchnorm.supports(7)
+
+
+def test_a_dtype_the_library_lacks_takes_the_general_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """As on a compiler without _Float16: float16 is then not native, and the numbers still match."""
+    monkeypatch.setattr(native, "_CODES", {torch.float16: None})
+    x = torch.randn(8, 3, 5).half()
+    assert kernels.plan(x, "train", 1).forward != "native"
+    for training in (True, False):
+        running = (torch.zeros(3), torch.ones(3))
+        y = batch_norm(x, *running, None, None, training)
+        expected = F.batch_norm(x.double(), torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64),
+                                None, None, training)  # fmt: skip
+        torch.testing.assert_close(y.double(), expected, rtol=0, atol=2e-3)
+
+
+@requires_native
+def test_the_raw_operators_reject_what_they_cannot_read() -> None:
+    """``train_forward``/``train_backward`` read raw memory: a wrong dtype or layout is an error, never garbage."""
+    x = torch.randn(8, 3, 5)
+    _, stats = native.train_forward(x, (8, 3, 5), None, None, 1e-5)
+    bad_calls = [
+        lambda: native.train_forward(x, (8, 3, 5), torch.ones(3, dtype=torch.float64), None, 1e-5),
+        lambda: native.train_forward(torch.randn(5, 3, 8).permute(2, 1, 0), (8, 3, 5), None, None, 1e-5),
+        lambda: native.train_forward(torch.randn(1).expand(3 * 1000).view(10, 3, 100), (10, 3, 100), None, None, 1e-5),
+        lambda: native.train_forward(x, (8, 3, 5), None, None, 0.0),
+        lambda: native.train_backward(torch.randn(8, 3, 5, dtype=torch.float64), x, (8, 3, 5), stats, None),
+        lambda: native.train_backward(torch.randn(8, 3, 5), x, (8, 3, 5), stats.double(), None),
+        lambda: native.train_backward(torch.randn(8, 3, 5), x, (8, 3, 5), stats[:1], None),
+    ]
+    for call in bad_calls:
+        with pytest.raises(RuntimeError, match="batchnorm native kernels"):
+            call()
+
+
+def test_compiler_variables_may_carry_arguments(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``CC="ccache gcc"`` style values: the program is looked up on PATH, the rest kept as arguments."""
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        pytest.skip("no C compiler here")
+    monkeypatch.setenv("CC", f"{compiler} -O0")
+    assert native._compiler_command("CC", "cc") == [compiler, "-O0"]
+    monkeypatch.setenv("CC", "/nonexistent/cc -O2")
+    assert native._compiler_command("CC", "cc") is None

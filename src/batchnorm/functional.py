@@ -498,7 +498,7 @@ def _native_training(
     if not (
         type(axis) is int
         and type(eps) is float
-        and (momentum is None or type(momentum) is float)
+        and (momentum is None or (type(momentum) is float and 0.0 <= momentum <= 1.0))
         and (nonfinite == "raise" or nonfinite == "skip")
         and isinstance(input, Tensor)
         and input.is_cpu

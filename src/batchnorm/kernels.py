@@ -171,16 +171,15 @@ def canonical_view(x: Tensor, axis: int) -> CanonicalView:
     """
     shape = x.shape
     num_features = shape[axis]
+    blocks = math.prod(shape[:axis])
+    positions = math.prod(shape[axis + 1 :])  # explicit sizes: an empty tensor has no -1 to infer
     if x.is_contiguous():
-        blocks = 1
-        for size in shape[:axis]:
-            blocks *= size
-        view = x.view(blocks, num_features, -1) if x.numel() else x.reshape(blocks, num_features, -1)
+        view = x.view(blocks, num_features, positions)
         return CanonicalView(view, lambda t: t.view(shape) if t.is_contiguous() else t.reshape(shape))
     moved = x.movedim(axis, -1)
     if moved.is_contiguous():
         moved_shape = moved.shape
-        view = moved.view(-1, num_features, 1)
+        view = moved.view(blocks * positions, num_features, 1)
         return CanonicalView(view, lambda t: t.reshape(moved_shape).movedim(-1, axis))
     return canonical_view(x.contiguous(), axis)
 
@@ -374,12 +373,27 @@ def plan(x: Tensor, mode: Mode = "train", feature: int | None = None) -> Plan:
 
 
 def native_ready(x: Tensor) -> bool:
-    """Whether the native kernels can run ``x``: a CPU tensor of a dtype they have, and the library built.
+    """Whether the native kernels can run ``x``: a non-empty CPU tensor of a dtype they have, the library built.
 
-    Not while ``torch.compile`` traces: Dynamo cannot trace into the operators, and the other kernels
-    are plain PyTorch operations that the caller's compilation fuses itself.
+    Not while ``torch.compile`` traces (Dynamo cannot trace into the operators, and the other kernels
+    are plain PyTorch operations that the caller's compilation fuses itself), and not for inputs of
+    ``torch.func`` transforms or with forward-mode tangents (the operators have no forward derivative).
     """
-    return x.is_cpu and native.supports(x.dtype) and not torch.compiler.is_compiling()
+    return (
+        x.is_cpu
+        and x.numel() > 0
+        and native.supports(x.dtype)
+        and not torch.compiler.is_compiling()
+        and not _transformed(x)
+    )
+
+
+def _transformed(x: Tensor) -> bool:
+    """Whether ``x`` is a ``torch.func`` wrapper or carries a forward-mode tangent (which the native kernels drop)."""
+    functorch = getattr(torch._C, "_functorch", None)
+    if functorch is not None and functorch.is_functorch_wrapped_tensor(x):
+        return True
+    return torch.autograd.forward_ad.unpack_dual(x).tangent is not None  # type: ignore[no-untyped-call]
 
 
 def _auto_unlogged() -> bool:
@@ -400,7 +414,7 @@ def torch_training_applies(x: Tensor, feature: int) -> bool:
     device, debug logging on, which :func:`plan` serves), so that the caller
     takes the general path; ``x`` is any input, ``feature`` its canonical feature axis.
     """
-    if not x.is_cpu or not _auto_unlogged() or native.supports(x.dtype):
+    if not x.is_cpu or not _auto_unlogged() or native_ready(x):
         return False
     if feature == x.dim() - 1 or x.stride(feature) == 1:  # feature-last (_is_feature_last, inline)
         return True

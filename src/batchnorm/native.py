@@ -49,6 +49,7 @@ import hashlib
 import logging
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import sys
@@ -111,9 +112,18 @@ def _cpu_signature() -> str:
     return "\n".join(sorted(set(wanted))) or platform.machine()
 
 
-def _version_text(compiler: str) -> str:
+def _compiler_command(variable: str, default: str) -> list[str] | None:
+    """``$variable`` (which may carry arguments, e.g. ``ccache gcc``) or ``default``, resolved on ``PATH``."""
+    words = shlex.split(os.environ.get(variable, "") or default)
+    if not words:
+        return None
+    program = shutil.which(words[0])
+    return None if program is None else [program, *words[1:]]
+
+
+def _version_text(compiler: list[str]) -> str:
     try:
-        result = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60, check=False)
+        result = subprocess.run([*compiler, "--version"], capture_output=True, text=True, timeout=60, check=False)
     except (OSError, subprocess.SubprocessError):
         return ""
     return result.stdout
@@ -160,7 +170,7 @@ def _build_lock(directory: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _compile(c_compiler: str, cxx_compiler: str, target: Path) -> str | None:
+def _compile(c_compiler: list[str], cxx_compiler: list[str], target: Path) -> str | None:
     """Compile the kernels and the operators into ``target``; the reason when that fails."""
     compile_flags, link_flags = _torch_flags()
     with tempfile.TemporaryDirectory(prefix="batchnorm-build-", dir=target.parent) as work:
@@ -168,24 +178,24 @@ def _compile(c_compiler: str, cxx_compiler: str, target: Path) -> str | None:
         problems = []
         c_flags: list[str] | None = None
         for flags in _C_FLAG_SETS:
-            problem = _run([c_compiler, *flags, "-std=gnu11", "-fPIC", "-c", str(_SOURCE_DIR / "batchnorm.c"),
+            problem = _run([*c_compiler, *flags, "-std=gnu11", "-fPIC", "-c", str(_SOURCE_DIR / "batchnorm.c"),
                             "-o", str(objects)])  # fmt: skip
             if problem is None:
                 c_flags = flags
                 break
-            problems.append(f"{c_compiler} {' '.join(flags)}: {problem}")
+            problems.append(f"{' '.join(c_compiler)} {' '.join(flags)}: {problem}")
         if c_flags is None:
             return "; ".join(problems)
         library = Path(work) / "native.so"
         openmp = ["-fopenmp"] if "-fopenmp" in c_flags else []
         for standard in _CXX_STANDARDS:
-            problem = _run([cxx_compiler, "-O2", standard, "-fPIC", "-shared", *compile_flags,
+            problem = _run([*cxx_compiler, "-O2", standard, "-fPIC", "-shared", *compile_flags,
                             str(_SOURCE_DIR / "op.cpp"), str(objects), "-o", str(library),
                             *link_flags, *openmp, "-lm"])  # fmt: skip
             if problem is None:
                 os.replace(library, target)  # atomic: a reader sees no file or the whole file
                 return None
-            problems.append(f"{cxx_compiler} {standard}: {problem}")
+            problems.append(f"{' '.join(cxx_compiler)} {standard}: {problem}")
         return "; ".join(problems)
 
 
@@ -232,8 +242,8 @@ class _Library:
         return _bind()
 
     def _ensure_built(self) -> Path | None:
-        c_compiler = shutil.which(os.environ.get("CC", "cc"))
-        cxx_compiler = shutil.which(os.environ.get("CXX", "c++"))
+        c_compiler = _compiler_command("CC", "cc")
+        cxx_compiler = _compiler_command("CXX", "c++")
         if c_compiler is None or cxx_compiler is None:
             missing = [name for name, found in (("CC", c_compiler), ("CXX", cxx_compiler)) if found is None]
             self.problem = f"no compiler found for {' and '.join(missing)} (cc and c++ by default)"
@@ -245,8 +255,8 @@ class _Library:
         for name in _SOURCES:
             digest.update((_SOURCE_DIR / name).read_bytes())
         for part in (
-            _version_text(c_compiler),
-            _version_text(cxx_compiler),
+            " ".join(c_compiler) + _version_text(c_compiler),
+            " ".join(cxx_compiler) + _version_text(cxx_compiler),
             repr((_C_FLAG_SETS, _CXX_STANDARDS, _torch_flags())),
             _cpu_signature(),
             torch.__version__,
@@ -327,8 +337,8 @@ def code(dtype: torch.dtype) -> int | None:
         return _CODES[dtype]
     else:
         value = DTYPES.get(dtype)
-        if not _library.get() or value is None:
-            value = None
+        if not _library.get() or value is None or not torch.ops.batchnorm.supports(value):
+            value = None  # float16 needs a compiler with _Float16 (GCC 12+, Clang 15+ on x86-64)
         _CODES[dtype] = value
         return value
 
@@ -400,8 +410,11 @@ def train_forward(
 ) -> tuple[Tensor, Tensor]:
     """Training forward without autograd or buffers: ``(y, stats)``, ``stats`` rows mean, inv_std, biased var.
 
+    ``x`` must be a contiguous ``(B, C, S)`` tensor (``shape``) of a supported dtype; weight and bias
+    contiguous ``(C,)`` CPU tensors of its accumulation dtype. Anything else raises ``RuntimeError``.
+
     Shape:
-        - x, y: any dense layout of ``(B, C, S)``; weight, bias: ``(C,)``; stats: ``(3, C)``.
+        - x, y: ``(B, C, S)``; weight, bias: ``(C,)``; stats: ``(3, C)``.
     """
     if _forward is None:
         _require()
@@ -419,11 +432,12 @@ def train_backward(
 ) -> tuple[Tensor | None, Tensor, Tensor]:
     """Training backward: ``(dx or None, dweight, dbias)``, the last two in the accumulation dtype.
 
-    ``stats`` holds mean and inv_std in its first two rows (:func:`train_forward`'s).
+    ``stats`` holds mean and inv_std in its first two rows (:func:`train_forward`'s). ``x`` must be
+    a contiguous ``(B, C, S)`` tensor, ``grad_output`` of its shape and dtype (any strides); anything
+    else raises ``RuntimeError``.
 
     Shape:
-        - grad_output, x, dx: dense layouts of ``(B, C, S)``; stats: ``(2, C)`` or ``(3, C)``;
-          weight, dweight, dbias: ``(C,)``.
+        - grad_output, x, dx: ``(B, C, S)``; stats: ``(2, C)`` or ``(3, C)``; weight, dweight, dbias: ``(C,)``.
     """
     if _backward is None:
         _require()

@@ -31,6 +31,7 @@ int bn_backward(int dtype, const void *dy, const void *x, void *dx, int64_t B, i
                 const void *mean, const void *invstd, const void *weight, void *grad_weight, void *grad_bias);
 int bn_inference(int dtype, const void *x, void *y, int64_t B, int64_t C, int64_t S, const void *running_mean,
                  const void *running_var, const void *weight, const void *bias, double eps);
+int bn_supports(int dtype);
 }
 
 namespace {
@@ -203,16 +204,40 @@ struct Train : public torch::autograd::Function<Train> {
 
 Tensor value_or_undefined(const std::optional<Tensor> &t) { return t.has_value() ? *t : Tensor(); }
 
+int code_or_minus_one(at::ScalarType t) {
+    switch (t) {
+    case at::kFloat:
+        return 0;
+    case at::kDouble:
+        return 1;
+    case at::kBFloat16:
+        return 2;
+    case at::kHalf:
+        return 3;
+    default:
+        return -1;
+    }
+}
+
 bool supported(const Tensor &x) {
-    auto t = x.scalar_type();
-    return t == at::kFloat || t == at::kDouble || t == at::kBFloat16 || t == at::kHalf;
+    int code = code_or_minus_one(x.scalar_type());
+    return code >= 0 && bn_supports(code);
+}
+
+// A tensor whose memory the kernels may read: real storage, not a functorch wrapper (torch.func
+// transforms), no forward-mode tangent (which a kernel would drop); the general path serves those.
+bool plain_tensor(const Tensor &t) {
+    if (!t.defined()) return true;
+    auto keys = t.key_set();
+    return t.has_storage() && !keys.has(c10::DispatchKey::FuncTorchGradWrapper) &&
+           !keys.has(c10::DispatchKey::FuncTorchBatched) && !t._fw_grad(0).defined();
 }
 
 // The (B, C, S) block of x's memory with features at `axis`, when the kernels can take x as it is:
 // a CPU tensor of a supported dtype, non-empty, contiguous or with the features innermost and every
 // other axis dense (channels-last, (N, L, C) sequences). Returns false otherwise.
 bool dense_block(const Tensor &x, int64_t axis, int64_t &feature, Sizes &s) {
-    if (!x.defined() || !x.device().is_cpu() || !supported(x)) return false;
+    if (!x.defined() || !x.device().is_cpu() || !supported(x) || !plain_tensor(x)) return false;
     int64_t dims = x.dim();
     if (dims == 0 || axis < -dims || axis >= dims) return false;
     feature = axis < 0 ? axis + dims : axis;
@@ -239,7 +264,7 @@ bool dense_block(const Tensor &x, int64_t axis, int64_t &feature, Sizes &s) {
 bool plain_vector(const std::optional<Tensor> &v, at::ScalarType acc, int64_t features) {
     if (!v.has_value() || !v->defined()) return true;
     return v->scalar_type() == acc && v->dim() == 1 && v->size(0) == features && v->device().is_cpu() &&
-           v->is_contiguous();
+           v->is_contiguous() && plain_tensor(*v);
 }
 
 bool needs_grad(const Tensor &x, const Tensor &w, const Tensor &b) {
@@ -309,9 +334,22 @@ std::optional<Tensor> inference(const Tensor &x, const Tensor &running_mean, con
     return y;
 }
 
+// The checks of the raw operators (forward, backward), which read what they are given: a contiguous
+// (B, C, S) input and per-feature tensors as the kernels take them; anything else is an error.
+void check_raw(const Tensor &x, const Sizes &s, std::initializer_list<std::optional<Tensor>> vectors) {
+    TORCH_CHECK(supported(x), "batchnorm native kernels: unsupported dtype ", x.scalar_type());
+    TORCH_CHECK(x.is_contiguous() && plain_tensor(x), "batchnorm native kernels: expected a contiguous (B, C, S) input");
+    for (const auto &v : vectors)
+        TORCH_CHECK(plain_vector(v, accumulation(x), s.features),
+                    "batchnorm native kernels: per-feature tensors must be contiguous (C,) CPU tensors of dtype ",
+                    accumulation(x));
+}
+
 std::tuple<Tensor, Tensor> forward(const Tensor &x, const std::optional<Tensor> &weight,
                                    const std::optional<Tensor> &bias, at::IntArrayRef sizes, double eps) {
     Sizes s = unpack(sizes, x);
+    check_raw(x, s, {weight, bias});
+    TORCH_CHECK(eps > 0, "batchnorm native kernels: eps must be positive");
     Tensor y = at::empty_like(x);
     Tensor stats = at::empty({3, s.features}, x.options().dtype(accumulation(x)));
     run_forward(x, y, s, value_or_undefined(weight), value_or_undefined(bias), stats, Tensor(), Tensor(), 0.0,
@@ -323,12 +361,21 @@ std::tuple<Tensor, Tensor, Tensor> backward(const Tensor &dy, const Tensor &x, c
                                             const std::optional<Tensor> &weight, at::IntArrayRef sizes,
                                             bool need_input) {
     Sizes s = unpack(sizes, x);
+    check_raw(x, s, {weight});
+    TORCH_CHECK(dy.scalar_type() == x.scalar_type() && dy.sizes() == x.sizes() && dy.device().is_cpu(),
+                "batchnorm native kernels: dy must match x in shape and dtype");
+    TORCH_CHECK(stats.scalar_type() == accumulation(x) && stats.dim() == 2 && stats.size(0) >= 2 &&
+                    stats.size(1) == s.features && stats.is_contiguous() && stats.device().is_cpu(),
+                "batchnorm native kernels: stats must be a contiguous (2 or 3, C) tensor of dtype ", accumulation(x));
     return run_backward(dy, x, s, stats, value_or_undefined(weight), need_input);
 }
+
+bool supports(int64_t dtype) { return dtype >= 0 && dtype <= 3 && bn_supports(static_cast<int>(dtype)); }
 
 } // namespace
 
 TORCH_LIBRARY(batchnorm, m) {
+    m.def("supports(int dtype) -> bool");
     m.def("train(Tensor x, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, Tensor(b!)? running_var, "
           "Tensor(c!)? counter, int axis, float momentum, float eps) -> (Tensor?, int)");
     m.def("forward(Tensor x, Tensor? weight, Tensor? bias, int[] sizes, float eps) -> (Tensor, Tensor)");
@@ -343,4 +390,5 @@ TORCH_LIBRARY_IMPL(batchnorm, CompositeImplicitAutograd, m) {
     m.impl("forward", forward);
     m.impl("backward", backward);
     m.impl("inference", inference);
+    m.impl("supports", supports);
 }
