@@ -981,23 +981,41 @@ def test_a_fresh_build_is_reused_without_compiling(monkeypatch: pytest.MonkeyPat
 # --- sizes, codes ---------------------------------------------------------------------------------------------------
 
 
-def test_sizes_of_dense_layouts() -> None:
-    nchw = torch.empty(4, 3, 5, 6)
-    assert native.sizes(nchw, 1) == (4, 3, 30)
-    assert native.sizes(nchw, 0) == (1, 4, 90)
-    assert native.sizes(nchw, 3) == (60, 6, 1)
-    assert native.sizes(nchw.contiguous(memory_format=torch.channels_last), 1) == (120, 3, 1)
-    assert native.sizes(torch.empty(2, 3, 2, 3, 4).contiguous(memory_format=torch.channels_last_3d), 1) == (48, 3, 1)
-    assert native.sizes(torch.empty(3, 4, 5), 2) == (12, 5, 1)
-    assert native.sizes(torch.empty(12, 5), 1) == (12, 5, 1)
-    assert native.sizes(torch.empty(4, 6).t(), 0) == (4, 6, 1)  # features innermost
+_NCHW = (4, 3, 5, 6)
+DENSE_BLOCKS = [  # (input, feature axis): memory the operator reads as a (B, C, S) block
+    (lambda: torch.randn(_NCHW), 1),
+    (lambda: torch.randn(_NCHW), 0),
+    (lambda: torch.randn(_NCHW), 3),
+    (lambda: torch.randn(_NCHW).contiguous(memory_format=torch.channels_last), 1),
+    (lambda: torch.randn(2, 3, 2, 3, 4).contiguous(memory_format=torch.channels_last_3d), 1),
+    (lambda: torch.randn(3, 4, 5), 2),
+    (lambda: torch.randn(12, 5), 1),
+    (lambda: torch.randn(4, 6).t(), 0),  # features innermost
+]
+NOT_DENSE = [
+    (lambda: torch.randn(6, 8)[:, ::2], 1),
+    (lambda: torch.randn(4, 6).t(), 1),
+    (lambda: torch.randn(4, 4, 5, 6)[:, :, ::2], 1),
+    (lambda: torch.randn(_NCHW).contiguous(memory_format=torch.channels_last)[:, :, 1:], 1),
+]
 
 
-def test_sizes_of_layouts_that_are_not_dense() -> None:
-    assert native.sizes(torch.empty(6, 8)[:, ::2], 1) is None
-    assert native.sizes(torch.empty(4, 6).t(), 1) is None
-    assert native.sizes(torch.empty(4, 4, 5, 6)[:, :, ::2], 1) is None
-    assert native.sizes(torch.empty(4, 3, 5, 6).contiguous(memory_format=torch.channels_last)[:, :, 1:], 1) is None
+@requires_native
+@pytest.mark.parametrize(("make", "axis"), DENSE_BLOCKS)
+def test_the_operator_reads_dense_layouts_in_place(make: Callable[[], torch.Tensor], axis: int) -> None:
+    x = make()
+    y, status = native.train(x, None, None, None, None, None, axis, 0.1, 1e-5)
+    assert status == 0
+    assert y is not None
+    assert y.stride() == x.stride()
+    expected = F.batch_norm(x.double().movedim(axis, 1), None, None, training=True).movedim(1, axis)
+    torch.testing.assert_close(y.double(), expected, rtol=2e-6, atol=2e-6)
+
+
+@requires_native
+@pytest.mark.parametrize(("make", "axis"), NOT_DENSE)
+def test_the_operator_declines_layouts_that_are_not_dense(make: Callable[[], torch.Tensor], axis: int) -> None:
+    assert native.train(make(), None, None, None, None, None, axis, 0.1, 1e-5) == (None, -1)
 
 
 @requires_native

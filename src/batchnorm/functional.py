@@ -475,6 +475,21 @@ def _fast_training(
     return result
 
 
+def _native_applies(input: Tensor, axis: int, eps: float) -> bool:
+    """The Python side of the native fast paths' precondition: plain argument types, a CPU input of a dtype the
+    library has, ``auto`` in force with debug logging off, no ``torch.compile`` tracing. The operators check the rest.
+    """
+    return (
+        type(axis) is int
+        and type(eps) is float
+        and isinstance(input, Tensor)
+        and input.is_cpu
+        and native.code(input.dtype) is not None
+        and kernels._auto_unlogged()
+        and not torch.compiler.is_compiling()
+    )
+
+
 def _native_training(
     input: Tensor,
     running_mean: Tensor | None,
@@ -496,15 +511,9 @@ def _native_training(
     which validates everything and words the errors.
     """
     if not (
-        type(axis) is int
-        and type(eps) is float
-        and (momentum is None or (type(momentum) is float and 0.0 <= momentum <= 1.0))
+        (momentum is None or (type(momentum) is float and 0.0 <= momentum <= 1.0))
         and (nonfinite == "raise" or nonfinite == "skip")
-        and isinstance(input, Tensor)
-        and input.is_cpu
-        and native.code(input.dtype) is not None
-        and kernels._auto_unlogged()
-        and not torch.compiler.is_compiling()
+        and _native_applies(input, axis, eps)
     ):
         return None
     try:
@@ -530,15 +539,7 @@ def _native_inference(
     axis: int,
 ) -> Tensor | None:
     """Eval on the native operator when nothing needs a gradient and it takes the arguments; else ``None``."""
-    if not (
-        type(axis) is int
-        and type(eps) is float
-        and isinstance(input, Tensor)
-        and input.is_cpu
-        and native.code(input.dtype) is not None
-        and kernels._auto_unlogged()
-        and not torch.compiler.is_compiling()
-    ):
+    if not _native_applies(input, axis, eps):
         return None
     try:
         return native.inference(input, running_mean, running_var, weight, bias, axis, eps)

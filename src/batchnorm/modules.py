@@ -171,42 +171,37 @@ class BatchNorm(nn.Module):
             use_batch_stats = True
             if self.track_running_stats:
                 num_batches_tracked = counter
-                if running_mean is not None and running_var is not None:
-                    native = _native_training(
-                        input,
-                        running_mean,
-                        running_var,
-                        weight,
-                        bias,
-                        self.momentum,
-                        self.eps,
-                        self.axis,
-                        num_batches_tracked,
-                        self.nonfinite,
-                    )
-                    if native is not None:
-                        return native[0]
-                    fast = _fast_training(
-                        input,
-                        running_mean,
-                        running_var,
-                        weight,
-                        bias,
-                        self.momentum,
-                        self.eps,
-                        self.axis,
-                        num_batches_tracked,
-                        self.nonfinite,
-                    )
-                    if fast is not None:
-                        return fast[0]
             else:  # in training without tracking the buffers are not passed
                 running_mean = running_var = None
-                native = _native_training(
-                    input, None, None, weight, bias, self.momentum, self.eps, self.axis, None, self.nonfinite
+            native = _native_training(
+                input,
+                running_mean,
+                running_var,
+                weight,
+                bias,
+                self.momentum,
+                self.eps,
+                self.axis,
+                num_batches_tracked,
+                self.nonfinite,
+            )
+            if native is not None:
+                return native[0]
+            if running_mean is not None and running_var is not None:
+                fast = _fast_training(
+                    input,
+                    running_mean,
+                    running_var,
+                    weight,
+                    bias,
+                    self.momentum,
+                    self.eps,
+                    self.axis,
+                    num_batches_tracked,
+                    self.nonfinite,
                 )
-                if native is not None:
-                    return native[0]
+                if fast is not None:
+                    return fast[0]
         else:
             use_batch_stats = running_mean is None
             if running_mean is not None and running_var is not None:

@@ -19,7 +19,8 @@ fails, or ``BATCHNORM_NATIVE=0`` is set, :func:`available` returns False
 logger) and :func:`batchnorm.kernels.plan` never picks these kernels.
 
 What the kernels compute (per feature ``c`` of the input's memory seen as a
-dense ``(B, C, S)`` block, see :func:`sizes`):
+dense ``(B, C, S)`` block: contiguous, or features innermost with the other
+axes dense, as channels-last and ``(N, L, C)`` tensors are):
 
 * training forward: mean and biased variance from sums of ``x - k`` and
   ``(x - k)^2``, one pass over ``x`` with ``k`` the mean of the feature's first
@@ -71,7 +72,6 @@ __all__ = [
     "failure",
     "inference",
     "library_path",
-    "sizes",
     "supports",
     "train",
     "train_backward",
@@ -348,27 +348,6 @@ def supports(dtype: torch.dtype) -> bool:
     return code(dtype) is not None
 
 
-def sizes(x: Tensor, feature: int) -> tuple[int, int, int] | None:
-    """``(B, C, S)`` when ``x``'s memory is a dense ``(B, C, S)`` block, else ``None``.
-
-    Two layouts qualify: contiguous (``B`` = the product of the sizes before
-    ``feature``, ``S`` of those after it), and feature-innermost with every
-    other axis dense (channels-last, ``(N, L, C)`` with ``axis=-1`` and their
-    permutations): ``(numel / C, C, 1)``. :func:`torch.empty_like` of such a
-    tensor has the same strides, so outputs need no view or copy.
-    """
-    shape = x.shape
-    features = shape[feature]
-    if x.is_contiguous():
-        blocks = 1
-        for size in shape[:feature]:
-            blocks *= size
-        return blocks, features, (x.numel() // (blocks * features)) if blocks * features else 0
-    if x.stride(feature) == 1 and x.movedim(feature, -1).is_contiguous():
-        return (x.numel() // features) if features else 0, features, 1
-    return None
-
-
 def train(
     x: Tensor,
     weight: Tensor | None,
@@ -386,9 +365,10 @@ def train(
     the buffers nor the counter changed (``y`` is still written). -1: not
     taken, nothing done, ``y`` is ``None``: the kernels take ``x`` only when
     it is a non-empty CPU tensor of a supported dtype whose memory is a dense
-    block (:func:`sizes`) with more than one value per feature, per-feature
-    tensors only when they are contiguous ``(C,)`` CPU tensors of the
-    accumulation dtype (float32; float64 for float64 ``x``) and running
+    ``(B, C, S)`` block (contiguous, or features innermost and the rest
+    dense) with more than one value per feature, per-feature tensors only
+    when they are contiguous ``(C,)`` CPU tensors of the accumulation dtype
+    (float32; float64 for float64 ``x``) and running
     statistics that need no gradient, the counter only as an int64 CPU
     scalar, ``momentum`` in ``[0, 1]`` or ``None`` (the cumulative average
     ``1 / (counter + 1)``, which needs the counter) and ``eps > 0``.

@@ -40,8 +40,9 @@ using at::Tensor;
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-int dtype_code(const Tensor &x) {
-    switch (x.scalar_type()) {
+// The code bn_* take for a dtype, -1 for one they do not know.
+int code_or_minus_one(at::ScalarType t) {
+    switch (t) {
     case at::kFloat:
         return 0;
     case at::kDouble:
@@ -51,8 +52,14 @@ int dtype_code(const Tensor &x) {
     case at::kHalf:
         return 3;
     default:
-        TORCH_CHECK(false, "batchnorm native kernels: unsupported dtype ", x.scalar_type());
+        return -1;
     }
+}
+
+int dtype_code(const Tensor &x) {
+    int code = code_or_minus_one(x.scalar_type());
+    TORCH_CHECK(code >= 0, "batchnorm native kernels: unsupported dtype ", x.scalar_type());
+    return code;
 }
 
 at::ScalarType accumulation(const Tensor &x) { return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
@@ -203,21 +210,6 @@ struct Train : public torch::autograd::Function<Train> {
 };
 
 Tensor value_or_undefined(const std::optional<Tensor> &t) { return t.has_value() ? *t : Tensor(); }
-
-int code_or_minus_one(at::ScalarType t) {
-    switch (t) {
-    case at::kFloat:
-        return 0;
-    case at::kDouble:
-        return 1;
-    case at::kBFloat16:
-        return 2;
-    case at::kHalf:
-        return 3;
-    default:
-        return -1;
-    }
-}
 
 bool supported(const Tensor &x) {
     int code = code_or_minus_one(x.scalar_type());
