@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	@# The native kernels (C and C++ against the installed torch, 15-30 s): built now so that no
 	@# run pays for it later; without a compiler the package works on its other kernels.
-	$(BIN)/python -c "import sys; from batchnorm import native; sys.exit(native.main())" || true
+	$(BIN)/python -c "import sys; from batchnorm.kernels import native; sys.exit(native.main())" || true
 	@touch $(STAMP)
 
 install: $(STAMP)

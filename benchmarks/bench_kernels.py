@@ -1,6 +1,6 @@
 """Kernel and end-to-end benchmark: our batch norm against PyTorch's, same process, interleaved.
 
-The logic lives in :mod:`batchnorm.bench` so that ``batchnorm bench`` runs the
+The logic lives in :mod:`batchnorm.lab.bench` so that ``batchnorm bench`` runs the
 same code; this script is the same command without the CLI:
 
     python benchmarks/bench_kernels.py --quick --explain
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import sys
 
-from batchnorm.bench import main
+from batchnorm.lab.bench import main
 
 if __name__ == "__main__":
     sys.exit(main())

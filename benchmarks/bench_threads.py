@@ -19,7 +19,7 @@ import time
 CHILD = r"""
 import json, sys, time, torch
 import torch.nn.functional as F
-from batchnorm.models import build_model
+from batchnorm.lab.models import build_model
 threads, steps = int(sys.argv[1]), int(sys.argv[2])
 torch.set_num_threads(threads)
 torch.set_flush_denormal(True)

@@ -38,7 +38,7 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("filterwarnings", "ignore::DeprecationWarning:libcst.*")
     # Build (or load) the native kernels before the first test, so that no test's timing or
     # subprocess includes the one-time compilation (make install has normally built them).
-    from batchnorm import native
+    from batchnorm.kernels import native
 
     native.available()
 

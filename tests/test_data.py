@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from batchnorm.data import DATASETS, Dataset, InputNormalizer, load_dataset
+from batchnorm.lab.data import DATASETS, Dataset, InputNormalizer, load_dataset
 
 
 @pytest.fixture(scope="module")

@@ -19,10 +19,10 @@ import numpy as np
 import pytest
 import torch
 
-from batchnorm.data import load_dataset
-from batchnorm.experiments import COMPARE_DEFAULTS, compare, percentile_steadiness
+from batchnorm.lab.data import load_dataset
+from batchnorm.lab.experiments import COMPARE_DEFAULTS, compare, percentile_steadiness
 from batchnorm.reference import batch_norm_forward
-from batchnorm.training import TrainConfig, train
+from batchnorm.lab.training import TrainConfig, train
 from helpers import run_cli
 
 TINY = dataclasses.replace(

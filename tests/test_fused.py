@@ -1,4 +1,4 @@
-"""``batchnorm.fused.BatchNormAct`` against ``nn.BatchNorm2d`` + activation: same numbers, half the saved bytes."""
+"""``batchnorm.nn.fused.BatchNormAct`` against ``nn.BatchNorm2d`` + activation: same numbers, half the saved bytes."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from batchnorm import kernels
-from batchnorm.fused import BatchNormAct, batch_norm_act
+from batchnorm.nn.fused import BatchNormAct, batch_norm_act
 
 ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
     "relu": nn.ReLU,

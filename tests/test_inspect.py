@@ -22,9 +22,9 @@ from torch import nn
 
 import batchnorm as bn
 from batchnorm.cli import main
-from batchnorm.data import load_dataset
-from batchnorm.inspect import explain_unit, format_table
-from batchnorm.models import build_model
+from batchnorm.lab.data import load_dataset
+from batchnorm.lab.explain import explain_unit, format_table
+from batchnorm.lab.models import build_model
 from batchnorm.reference import batch_norm_forward
 from helpers import run_cli
 

@@ -29,7 +29,8 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from batchnorm import functional, kernels, native
+from batchnorm import functional, kernels
+from batchnorm.kernels import native
 from batchnorm.functional import batch_norm
 
 PATHS = ["native", "eager", "torch", "compiled"]

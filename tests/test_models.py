@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 import batchnorm as bn
-from batchnorm.models import ModelSpec, build_model, parse_init, parse_spec
+from batchnorm.lab.models import ModelSpec, build_model, parse_init, parse_spec
 from batchnorm.reference import batch_norm_forward
 
 # --------------------------------------------------------------------------- spec parsing

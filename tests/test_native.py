@@ -1,4 +1,4 @@
-"""The native CPU kernels (``batchnorm.native``): the operators themselves, their declines and their fallbacks.
+"""The native CPU kernels (``batchnorm.kernels.native``): the operators themselves, their declines and their fallbacks.
 
 Every number is checked against an independent float64 reference:
 ``torch.nn.functional.batch_norm`` in float64 on the same (rounded) input
@@ -35,7 +35,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from batchnorm import kernels, native
+from batchnorm import kernels
+from batchnorm.kernels import native
 from batchnorm.functional import NonfiniteBatchError, batch_norm
 
 requires_native = pytest.mark.skipif(
@@ -1070,7 +1071,7 @@ def test_eval_of_an_empty_batch_returns_an_empty_output(shape: tuple[int, ...], 
     assert y.shape == x.shape
     if axis == 1:
         module = {2: torch.nn.BatchNorm1d, 3: torch.nn.BatchNorm1d, 4: torch.nn.BatchNorm2d}[x.dim()]
-        from batchnorm.modules import convert
+        from batchnorm.nn.batchnorm import convert
 
         assert convert(module(3).eval())(x).shape == x.shape
 

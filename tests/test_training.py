@@ -24,9 +24,9 @@ import pytest
 import torch
 from torch import nn
 
-from batchnorm.data import load_dataset
-from batchnorm.models import build_model
-from batchnorm.training import (
+from batchnorm.lab.data import load_dataset
+from batchnorm.lab.models import build_model
+from batchnorm.lab.training import (
     CheckpointError,
     DivergenceError,
     DivergenceGuard,

@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 from batchnorm.cli import main
-from batchnorm.tune import FINISHED_STATES, parse_grid
+from batchnorm.lab.tune import FINISHED_STATES, parse_grid
 
 SMALL = ["--data", "synthetic", "--model", "mlp:64-32-10", "--no-progress"]
 

@@ -8,15 +8,16 @@ Import as ``import batchnorm as bn``:
   :class:`BatchNorm3d`: drop-in modules; :func:`convert` swaps torch's for ours.
 - :class:`BatchNormAct`: BN fused with an activation, saving half the memory for backward.
 - :func:`explain`: what every BN layer of a model computes on a real batch.
-- :mod:`batchnorm.kernels` (which kernels a call gets) and :mod:`batchnorm.native`
+- :mod:`batchnorm.kernels` (which kernels a call gets) and :mod:`batchnorm.kernels.native`
   (the native CPU kernels, compiled once on this machine).
 """
 
-from batchnorm import functional, kernels, native, reference
+from batchnorm import functional, kernels, reference
+from batchnorm.kernels import native
 from batchnorm.functional import NonfiniteBatchError
-from batchnorm.fused import BatchNormAct
-from batchnorm.inspect import explain
-from batchnorm.modules import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d, convert, is_batch_norm
+from batchnorm.nn.fused import BatchNormAct
+from batchnorm.lab.explain import explain
+from batchnorm.nn.batchnorm import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d, convert, is_batch_norm
 
 __version__ = "0.1.0"
 

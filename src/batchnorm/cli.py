@@ -17,12 +17,12 @@ __all__ = ["UsageError", "main"]
 
 # verb -> (module, one-line help)
 VERBS: dict[str, tuple[str, str]] = {
-    "compare": ("batchnorm.experiments", "the main job: the same deep net with and without BN on real digits"),
-    "explain": ("batchnorm.inspect", "per-layer table: which axes each BN layer reduces, shapes and live numbers"),
-    "train": ("batchnorm.training", "one training run from a model spec; checkpoints, resume, divergence guard"),
-    "bench": ("batchnorm.bench", "kernel and end-to-end benchmarks, ours against torch's batch norm, side by side"),
-    "report": ("batchnorm.report", "rebuild report.html from a run folder"),
-    "tune": ("batchnorm.tune", "grid search (Optuna) over lr, momentum, weight decay, ... then the full run"),
+    "compare": ("batchnorm.lab.experiments", "the main job: the same deep net with and without BN on real digits"),
+    "explain": ("batchnorm.lab.explain", "per-layer table: which axes each BN layer reduces, shapes and live numbers"),
+    "train": ("batchnorm.lab.training", "one training run from a model spec; checkpoints, resume, divergence guard"),
+    "bench": ("batchnorm.lab.bench", "kernel and end-to-end benchmarks, ours against torch's batch norm, side by side"),
+    "report": ("batchnorm.lab.report", "rebuild report.html from a run folder"),
+    "tune": ("batchnorm.lab.tune", "grid search (Optuna) over lr, momentum, weight decay, ... then the full run"),
 }
 
 THREADS_HELP = (

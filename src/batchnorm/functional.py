@@ -35,7 +35,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from batchnorm import kernels, native
+from batchnorm import kernels
+from batchnorm.kernels import native
 from batchnorm._shapes import canonical_axis
 
 __all__ = ["batch_norm", "NonfiniteBatchError", "NONFINITE_POLICIES"]
@@ -504,7 +505,7 @@ def _native_training(
 ) -> tuple[Tensor, bool] | None:
     """The common training call on the native operator: one call forward (update included), a C++ backward.
 
-    The operator checks the tensors itself (in C++, see :func:`batchnorm.native.train`)
+    The operator checks the tensors itself (in C++, see :func:`batchnorm.kernels.native.train`)
     and declines what its kernels do not take as it is; then, and for
     anything unusual here (another kernel setting, debug logging, argument
     types), this returns ``None`` having done nothing, for the general path,

@@ -41,7 +41,7 @@ import torch
 from torch import Tensor
 
 from batchnorm import functional, kernels
-from batchnorm.modules import BatchNorm
+from batchnorm.nn.batchnorm import BatchNorm
 
 __all__ = ["ACTIVATIONS", "BatchNormAct", "batch_norm_act"]
 
@@ -243,7 +243,7 @@ class BatchNormAct(BatchNorm):
     running_mean, running_var, num_batches_tracked``), so checkpoints of
     ``nn.BatchNorm2d`` load into it. In training only one full-size tensor is
     kept for backward, the output for invertible activations and the input for
-    ReLU (see :mod:`batchnorm.fused`); eval mode is the plain composition.
+    ReLU (see :mod:`batchnorm.nn.fused`); eval mode is the plain composition.
 
     Args:
         num_features, eps, momentum, affine, track_running_stats, axis, nonfinite:

@@ -48,8 +48,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from batchnorm.data import DATASETS, INPUT_NORMS, Dataset, InputNormalizer, load_dataset
-from batchnorm.models import (
+from batchnorm.lab.data import DATASETS, INPUT_NORMS, Dataset, InputNormalizer, load_dataset
+from batchnorm.lab.models import (
     ACTIVATIONS,
     INIT_HELP,
     NORMS,

@@ -15,7 +15,7 @@ milliseconds. ``make install`` builds it ahead of time (:func:`main`).
 
 When a compiler or PyTorch's headers are missing, compilation or loading
 fails, or ``BATCHNORM_NATIVE=0`` is set, :func:`available` returns False
-(:func:`failure` says why, also logged once on the ``batchnorm.native``
+(:func:`failure` says why, also logged once on the ``batchnorm.kernels.native``
 logger) and :func:`batchnorm.kernels.plan` never picks these kernels.
 
 What the kernels compute (per feature ``c`` of the input's memory seen as a

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from batchnorm._shapes import canonical_axis, reduced_axes
-from batchnorm.modules import BatchNorm, is_batch_norm
+from batchnorm.nn.batchnorm import BatchNorm, is_batch_norm
 
 __all__ = ["explain", "explain_unit", "format_table"]
 
@@ -339,7 +339,7 @@ def format_unit(result: dict[str, Any]) -> str:
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     from batchnorm.cli import positive_int
-    from batchnorm.training import TrainConfig, add_data_arguments, add_model_arguments
+    from batchnorm.lab.training import TrainConfig, add_data_arguments, add_model_arguments
 
     defaults = TrainConfig()
     parser.description = (
@@ -361,9 +361,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 def prepare(args: argparse.Namespace) -> tuple[nn.Module, Tensor, Tensor, tuple[Tensor, Tensor]]:
     """Model, normalized batch, raw batch and the raw training set's per-pixel (mean, std)."""
-    from batchnorm.data import InputNormalizer, load_dataset
-    from batchnorm.models import build_model
-    from batchnorm.training import TrainConfig, check_same_model, model_from_checkpoint, requested_model
+    from batchnorm.lab.data import InputNormalizer, load_dataset
+    from batchnorm.lab.models import build_model
+    from batchnorm.lab.training import TrainConfig, check_same_model, model_from_checkpoint, requested_model
 
     defaults = TrainConfig()
     if args.checkpoint is not None:

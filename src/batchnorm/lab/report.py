@@ -135,7 +135,7 @@ def _explain_rows(records: list[dict[str, Any]]) -> list[list[str]]:
 
 def write_report(out_dir: str | Path, results: dict[str, Any], extra_sections: list[str] | None = None) -> Path:
     """Write ``accuracy.png``, ``percentiles.png``, ``layers.png`` and ``report.html`` into ``out_dir``."""
-    from batchnorm.experiments import format_summary
+    from batchnorm.lab.experiments import format_summary
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from batchnorm.modules import BatchNorm1d, BatchNorm2d
+from batchnorm.nn.batchnorm import BatchNorm1d, BatchNorm2d
 
 __all__ = [
     "ACTIVATIONS",

@@ -47,7 +47,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from batchnorm import functional, kernels, native
+from batchnorm import functional, kernels
+from batchnorm.kernels import native
 from batchnorm.cli import positive_int
 
 __all__ = ["SUITE", "Case", "configure_parser", "main", "run"]
@@ -514,7 +515,7 @@ class EndToEnd:
 
 def end_to_end(device: torch.device, repeats: int, steps: int, progress: Callable[[str], None]) -> list[EndToEnd]:
     """Time SGD steps of :func:`paper_mlp` (batch 60) and :func:`small_cnn` (batch 60) with both BN layers."""
-    from batchnorm.modules import convert
+    from batchnorm.nn.batchnorm import convert
 
     sync = _synchronizer(device)
     results = []

@@ -37,9 +37,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from batchnorm.data import Dataset, InputNormalizer, load_dataset
-from batchnorm.inspect import explain, format_table
-from batchnorm.training import DivergenceError, TrainConfig, TrainResult, train
+from batchnorm.lab.data import Dataset, InputNormalizer, load_dataset
+from batchnorm.lab.explain import explain, format_table
+from batchnorm.lab.training import DivergenceError, TrainConfig, TrainResult, train
 
 __all__ = ["COMPARE_DEFAULTS", "LayerRecorder", "compare", "percentile_steadiness"]
 
@@ -297,7 +297,7 @@ def compare(config: TrainConfig, out_dir: str | Path, *, progress: bool = True, 
     temporary.write_text(json.dumps(results, allow_nan=True))
     temporary.replace(path)
     if figures:
-        from batchnorm.report import write_report
+        from batchnorm.lab.report import write_report
 
         write_report(out, results)
     return results
@@ -349,7 +349,7 @@ def format_summary(results: dict[str, Any]) -> str:
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
-    from batchnorm.training import add_data_arguments, add_model_arguments, add_optimizer_arguments
+    from batchnorm.lab.training import add_data_arguments, add_model_arguments, add_optimizer_arguments
 
     defaults = COMPARE_DEFAULTS
     parser.description = (
@@ -368,7 +368,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from batchnorm.training import config_from_args
+    from batchnorm.lab.training import config_from_args
 
     config = config_from_args(args, COMPARE_DEFAULTS)
     config.checkpoint_every = config.steps

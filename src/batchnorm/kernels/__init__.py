@@ -18,7 +18,7 @@ Four implementations ("kernels") exist for each of train forward, train
 backward and eval forward:
 
 ``native``
-    C kernels (:mod:`batchnorm.native`, compiled once with the system's
+    C kernels (:mod:`batchnorm.kernels.native`, compiled once with the system's
     compilers and cached) behind ``batchnorm::`` PyTorch operators whose
     backward is a C++ autograd node. On the input's own memory (contiguous
     or feature-last, no view or copy): statistics in one pass of shifted
@@ -96,7 +96,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from batchnorm import native
+from batchnorm.kernels import native
 
 __all__ = [
     "COMPILE_MIN_NUMEL",
@@ -301,7 +301,7 @@ def plan(x: Tensor, mode: Mode = "train", feature: int | None = None) -> Plan:
     ``benchmarks/README.md``):
 
     * a CPU input of float32, float64, bfloat16 or float16 when the native
-      kernels are built (:func:`batchnorm.native.available`): ``native``,
+      kernels are built (:func:`batchnorm.kernels.native.available`): ``native``,
       train and eval, every layout and size (1.0-16x PyTorch's op on every
       case of the suite, with the least per-call overhead).
 

@@ -73,9 +73,9 @@ import torch
 from optuna.trial import FrozenTrial, Trial, TrialState
 from torch import nn
 
-from batchnorm.data import INPUT_NORMS, Dataset, load_dataset
-from batchnorm.models import ACTIVATIONS, NORMS, PLACEMENTS, parse_init
-from batchnorm.training import (
+from batchnorm.lab.data import INPUT_NORMS, Dataset, load_dataset
+from batchnorm.lab.models import ACTIVATIONS, NORMS, PLACEMENTS, parse_init
+from batchnorm.lab.training import (
     EXIT_DIVERGED,
     DivergenceError,
     TrainConfig,
@@ -681,7 +681,7 @@ def draw_heatmaps(records: list[dict[str, Any]], grid: Grid, out: Path, trial_st
     """
     from matplotlib.patches import Rectangle
 
-    from batchnorm.report import _pyplot
+    from batchnorm.lab.report import _pyplot
 
     plt = _pyplot()
     rows = results_table(records)
@@ -747,7 +747,7 @@ def draw_heatmaps(records: list[dict[str, Any]], grid: Grid, out: Path, trial_st
 
 def write_tune_report(out: Path, results: dict[str, Any], heatmaps: list[Path]) -> Path:
     """``report.html``: the grid, the sorted table, the heatmaps, the best setting and the full run."""
-    from batchnorm.report import _embed
+    from batchnorm.lab.report import _embed
 
     grid: Grid = results["grid"]
     best = results["best"]
@@ -848,7 +848,7 @@ def _run_workers(job: WorkerJob, jobs: int, dataset: Dataset, on_progress: Calla
     command = [
         sys.executable,
         "-c",
-        "import sys; from batchnorm.tune import worker_main; sys.exit(worker_main(sys.argv[1]))",
+        "import sys; from batchnorm.lab.tune import worker_main; sys.exit(worker_main(sys.argv[1]))",
         json.dumps(dataclasses.asdict(job)),
     ]
     processes = [subprocess.Popen(command) for _ in range(jobs)]
@@ -980,7 +980,7 @@ def tune(
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     from batchnorm.cli import positive_int
-    from batchnorm.training import add_data_arguments, add_model_arguments, add_optimizer_arguments
+    from batchnorm.lab.training import add_data_arguments, add_model_arguments, add_optimizer_arguments
 
     defaults = TrainConfig()
     options = ", ".join(_option_name(name) for name in GRID_OPTIONS)
@@ -1026,7 +1026,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from batchnorm.training import config_from_args
+    from batchnorm.lab.training import config_from_args
 
     grid = parse_grid(args.grid)
     final = config_from_args(args, TrainConfig())
