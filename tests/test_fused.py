@@ -46,7 +46,7 @@ def saved_bytes(function: Callable[[], torch.Tensor]) -> int:
     return sum(seen.values())
 
 
-@pytest.mark.parametrize("path", ["auto", "eager", "torch"])
+@pytest.mark.parametrize("path", ["auto", "exact", "torch", "native"])
 @pytest.mark.parametrize("activation", list(ACTIVATIONS))
 def test_outputs_gradients_and_buffers_equal_torch_in_float64(activation: str, path: str) -> None:
     theirs, ours = _pair(activation, 4, torch.float64)

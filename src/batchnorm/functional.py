@@ -2,12 +2,22 @@ r"""The batch-norm op for PyTorch, with any feature axis.
 
 :func:`batch_norm` takes the same arguments and has the same semantics as
 :func:`torch.nn.functional.batch_norm`, plus ``axis`` (the feature axis), and
-returns the same numbers (float64 agrees to rounding). The arithmetic is
-dispatched by :func:`batchnorm.kernels.plan`: our kernels run inside a
-:class:`torch.autograd.Function` whose gradient is our own closed form
-(derived in :mod:`batchnorm.reference`); where PyTorch's kernels are fastest
-(small and feature-last inputs, eval mode), PyTorch's op runs and is
-differentiated by PyTorch. Either way the op is twice differentiable.
+returns the same numbers (float64 agrees to rounding). Every call is
+decided once by :func:`batchnorm.kernels.plan` and executed here on one of
+three routes, all built from the four primitives of :mod:`batchnorm.kernels`
+(``stats``, ``normalize``, ``grad_sums``, ``grad_input``) with one derivation
+of the gradient (:mod:`batchnorm.reference`):
+
+* ``fused``: the native CPU operator, forward and running-statistics update
+  in one call, backward in one (a C++ autograd node);
+* ``function``: one Python autograd node, :class:`BatchNormFunction`, over
+  the primitives of the chosen backend;
+* ``composite``: the ``torch_ops`` primitives differentiated by PyTorch,
+  which is what ``torch.func``, forward-mode AD, ``torch.compile``,
+  ``torch.export`` and ``torch.jit.trace`` see.
+
+Every route is twice differentiable and gives the same results and errors
+for the same call.
 
 Conventions (PyTorch's):
 
@@ -20,9 +30,13 @@ Conventions (PyTorch's):
 What this op adds to PyTorch's:
 
 * a training batch whose statistics are NaN or infinite raises
-  ``ValueError`` *before* any running statistic changes (``nonfinite="raise"``,
-  the default), or leaves them untouched (``nonfinite="skip"``); PyTorch's op
-  writes the NaN into the buffers;
+  :class:`NonfiniteBatchError` *before* any running statistic changes
+  (``nonfinite="raise"``, the default), or leaves them untouched
+  (``nonfinite="skip"``); PyTorch's op writes the NaN into the buffers.
+  While traced (``torch.compile``, ``torch.export``, ``torch.jit.trace``) or
+  under ``torch.func`` transforms, where raising would need the host to read
+  the statistics, such a batch is skipped (buffers and counter unchanged)
+  without raising;
 * float16 and bfloat16 inputs accumulate in float32 and return their own
   dtype; the variance is always computed stably.
 """
@@ -36,33 +50,53 @@ import torch
 from torch import Tensor
 
 from batchnorm import kernels
-from batchnorm.kernels import native
 from batchnorm._shapes import canonical_axis
+from batchnorm.kernels import native
 
-__all__ = ["batch_norm", "NonfiniteBatchError", "NONFINITE_POLICIES"]
+__all__ = [
+    "NONFINITE_POLICIES",
+    "BatchNormArgumentError",
+    "BatchNormFunction",
+    "NonfiniteBatchError",
+    "batch_norm",
+    "batch_norm_with_status",
+    "check_arguments",
+]
 
 NonfinitePolicy = Literal["raise", "skip"]
 NONFINITE_POLICIES: tuple[str, ...] = ("raise", "skip")
+
+
+class BatchNormArgumentError(ValueError, RuntimeError):
+    """Invalid arguments (shapes, axis, eps, momentum): a ``ValueError``, and a ``RuntimeError`` as torch raises."""
+
+
+class _InputDtypeError(BatchNormArgumentError, TypeError):
+    """A non-floating input: also a ``TypeError`` for callers expecting one (torch raises ``RuntimeError``)."""
 
 
 class NonfiniteBatchError(ValueError):
     """A training batch produced NaN or infinite statistics; running statistics were left unchanged."""
 
 
-class _InputDtypeError(ValueError, TypeError):
-    """A non-floating input: a ``ValueError`` as documented, and a ``TypeError`` for callers expecting one."""
+_NONFINITE_MESSAGE = (
+    "the training batch contains NaN or Inf (its mean or variance is not finite); running "
+    "statistics were left unchanged. Pass nonfinite='skip' to ignore such batches."
+)
 
 
 def _check_vector(name: str, value: Tensor | None, num_features: int, axis: int) -> None:
     if value is None:
         return
     if not isinstance(value, Tensor):
-        raise ValueError(f"expected {name} to be a tensor or None, got {type(value).__name__}")
+        raise BatchNormArgumentError(f"expected {name} to be a tensor or None, got {type(value).__name__}")
     if value.dim() != 1 or value.numel() != num_features:
-        raise ValueError(
+        raise BatchNormArgumentError(
             f"{name} has shape {tuple(value.shape)} but the input has {num_features} features "
             f"along axis {axis}: expected shape ({num_features},)"
         )
+    if not value.is_floating_point():
+        raise _InputDtypeError(f"expected {name} to be a floating-point tensor, got dtype {value.dtype}")
 
 
 def check_arguments(
@@ -79,53 +113,62 @@ def check_arguments(
     """Validate the arguments of :func:`batch_norm`; return the canonical feature axis.
 
     Raises:
-        ValueError: with a message naming what was expected and what was received.
+        BatchNormArgumentError: (a ``ValueError`` and a ``RuntimeError``) with a
+            message naming what was expected and what was received.
     """
     if not isinstance(input, Tensor):
-        raise ValueError(f"expected input to be a torch.Tensor, got {type(input).__name__}")
+        raise BatchNormArgumentError(f"expected input to be a torch.Tensor, got {type(input).__name__}")
     if not input.is_floating_point():
         raise _InputDtypeError(
             f"expected a floating-point input (float16, bfloat16, float32 or float64), got dtype {input.dtype}"
         )
     ndim = input.dim()
-    # The common case inline (an int axis in range); canonical_axis words the errors.
-    feature = axis % ndim if type(axis) is int and ndim >= 1 and -ndim <= axis < ndim else canonical_axis(ndim, axis)
-    if not (isinstance(eps, (int, float)) and eps > 0):
-        raise ValueError(f"expected eps > 0, got {eps}")
-    if momentum is not None and not (isinstance(momentum, (int, float)) and 0.0 <= momentum <= 1.0):
-        raise ValueError(f"expected momentum in [0, 1] or None, got {momentum}")
-    if (running_mean is None) != (running_var is None):
-        raise ValueError("expected running_mean and running_var to be both tensors or both None")
-    num_features = input.shape[feature]
-    # One expression for the common case; the loop below words the error.
-    shape = (num_features,)
-    if not (
-        (running_mean is None or (isinstance(running_mean, Tensor) and running_mean.shape == shape))
-        and (running_var is None or (isinstance(running_var, Tensor) and running_var.shape == shape))
-        and (weight is None or (isinstance(weight, Tensor) and weight.shape == shape))
-        and (bias is None or (isinstance(bias, Tensor) and bias.shape == shape))
+    try:
+        feature = canonical_axis(ndim, axis)
+    except ValueError as error:
+        raise BatchNormArgumentError(str(error)) from None
+    if not (isinstance(eps, (int, float)) and not isinstance(eps, bool) and eps > 0):
+        raise BatchNormArgumentError(f"expected eps > 0, got {eps}")
+    if momentum is not None and not (
+        isinstance(momentum, (int, float)) and not isinstance(momentum, bool) and 0.0 <= momentum <= 1.0
     ):
-        for name, value in (
-            ("running_mean", running_mean),
-            ("running_var", running_var),
-            ("weight", weight),
-            ("bias", bias),
-        ):
-            _check_vector(name, value, num_features, feature)
+        raise BatchNormArgumentError(f"expected momentum in [0, 1] or None, got {momentum}")
+    if (running_mean is None) != (running_var is None):
+        raise BatchNormArgumentError("expected running_mean and running_var to be both tensors or both None")
+    num_features = input.shape[feature]
+    for name, value in (
+        ("running_mean", running_mean),
+        ("running_var", running_var),
+        ("weight", weight),
+        ("bias", bias),
+    ):
+        _check_vector(name, value, num_features, feature)
     if training:
-        values = input.numel() // max(num_features, 1)
-        if values <= 1:
-            raise ValueError(
+        values = input.numel() // num_features if num_features else 0
+        if values == 1:
+            raise BatchNormArgumentError(
                 f"expected more than 1 value per feature when training, got input of shape "
                 f"{tuple(input.shape)} (feature axis {feature}) with {values} value(s) per feature"
             )
     elif running_mean is None:
-        raise ValueError("expected running_mean and running_var when training=False, got None")
+        raise BatchNormArgumentError("expected running_mean and running_var when training=False, got None")
     return feature
 
 
-class _TrainingBatchNorm(torch.autograd.Function):
-    """Training-mode BN on a ``(B, C, S)`` view: forward with batch statistics, closed-form backward."""
+class BatchNormFunction(torch.autograd.Function):
+    r"""Training-mode BN as one autograd node over the kernel primitives.
+
+    Forward: ``stats`` then ``normalize``; returns ``(y, mean, var)`` with
+    the biased variance (``mean`` and ``var`` carry no gradient). Backward:
+    ``grad_sums`` then ``grad_input`` (the derivation is in
+    :mod:`batchnorm.reference`): ``dweight = sum(dy * x_hat)``,
+    ``dbias = sum(dy)``. With ``create_graph=True`` (or a batched gradient,
+    ``is_grads_batched``) the backward runs the ``torch_ops`` primitives with
+    the statistics recomputed from ``x``, so autograd differentiates it again.
+
+    Shape:
+        - x, y: ``(*, C, *)`` with ``C`` at ``feature``; weight, bias, mean, var: ``(C,)``.
+    """
 
     @staticmethod
     def forward(
@@ -133,13 +176,16 @@ class _TrainingBatchNorm(torch.autograd.Function):
         x: Tensor,
         weight: Tensor | None,
         bias: Tensor | None,
+        feature: int,
         eps: float,
-        chosen: kernels.Plan,
+        backend: str,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        y, mean, var, inv_std = kernels.train_forward(x, weight, bias, eps, chosen)
-        ctx.save_for_backward(x, weight, mean, inv_std)
-        ctx.eps = eps
-        ctx.plan = chosen
+        count, mean, m2 = kernels.stats(x, feature, backend=backend)
+        var = m2 / count
+        invstd = torch.rsqrt(var + eps)
+        y = kernels.normalize(x, mean, invstd, weight, bias, feature, backend=backend)
+        ctx.save_for_backward(x, weight, mean, invstd)
+        ctx.feature, ctx.eps, ctx.backend, ctx.count = feature, eps, backend, count
         ctx.bias_dtype = None if bias is None else bias.dtype
         ctx.mark_non_differentiable(mean, var)
         return y, mean, var
@@ -147,83 +193,56 @@ class _TrainingBatchNorm(torch.autograd.Function):
     @staticmethod
     def backward(
         ctx: Any, grad_output: Tensor, _grad_mean: Tensor | None, _grad_var: Tensor | None
-    ) -> tuple[Tensor | None, Tensor | None, Tensor | None, None, None]:
-        x, weight, mean, inv_std = ctx.saved_tensors
+    ) -> tuple[Tensor | None, Tensor | None, Tensor | None, None, None, None]:
+        x, weight, mean, invstd = ctx.saved_tensors
         need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
-        if torch.is_grad_enabled():
-            # create_graph=True: the statistics must be functions of x in the
-            # graph for the second derivative, so recompute them differentiably
-            # and use the composite backward, which autograd can differentiate.
-            acc = kernels.accumulation_dtype(x.dtype)
-            var, mean = torch.var_mean(x.to(acc), dim=(0, 2), correction=0)
-            inv_std = torch.rsqrt(var + ctx.eps)
-            grad_input, grad_weight, grad_bias = kernels.backward(grad_output, x, mean, inv_std, weight, need_input)
+        feature, count = ctx.feature, ctx.count
+        if torch.is_grad_enabled() or kernels._transformed(grad_output):
+            # Differentiable: the statistics as functions of x, through the torch_ops primitives.
+            compute = torch.float64 if ctx.backend == "exact" else kernels.accumulation_dtype(x.dtype)
+            _, mean, m2 = kernels.torch_ops.stats(x, feature, compute)
+            invstd = torch.rsqrt(m2 / count + ctx.eps)
+            sum_dy, sum_dy_xhat = kernels.torch_ops.grad_sums(grad_output, x, mean, invstd, feature, compute)
+            grad_input = None
+            if need_input:
+                grad_input = kernels.torch_ops.grad_input(
+                    grad_output, x, mean, invstd, weight, sum_dy, sum_dy_xhat, count, feature, compute
+                )
         else:
-            grad_input, grad_weight, grad_bias = kernels.train_backward(
-                grad_output, x, mean, inv_std, weight, ctx.eps, need_input, ctx.plan
-            )
+            sum_dy, sum_dy_xhat = kernels.grad_sums(grad_output, x, mean, invstd, feature, backend=ctx.backend)
+            grad_input = None
+            if need_input:
+                grad_input = kernels.grad_input(
+                    grad_output, x, mean, invstd, weight, sum_dy, sum_dy_xhat, count, feature, backend=ctx.backend
+                )
         return (
             grad_input,
-            grad_weight.to(weight.dtype) if need_weight else None,
-            grad_bias.to(ctx.bias_dtype) if need_bias else None,
+            sum_dy_xhat.to(weight.dtype) if need_weight else None,
+            sum_dy.to(ctx.bias_dtype) if need_bias else None,
+            None,
             None,
             None,
         )
 
 
-_OFFSET_PLAN = kernels.Plan("eager", "torch", "feature-last", "offset data: our forward, PyTorch's backward")
-_HALF_DTYPES = (torch.float16, torch.bfloat16)
-
-
-def _training(
-    input: Tensor, feature: int, weight: Tensor | None, bias: Tensor | None, eps: float, chosen: kernels.Plan
-) -> tuple[Tensor, Tensor, Tensor, int]:
-    """Training forward on any layout: ``(y, mean, var, values per statistic)``, with the kernels ``chosen``.
-
-    Where the plan is PyTorch's kernels both ways, PyTorch's differentiable op
-    runs directly (its backward and double backward are C++, with no Python
-    in between); otherwise :class:`_TrainingBatchNorm` runs our kernels.
-    """
-    if chosen.forward == "torch" and chosen.backward == "torch":
-        result = kernels.torch_training(input, feature, weight, bias, eps, check_offset=not chosen.forced)
-        if result is not None:
-            return (*result, input.numel() // input.shape[feature])
-        chosen = kernels.Plan("eager", "torch", chosen.layout, _OFFSET_PLAN.reason)
-    view = kernels.canonical_view(input, feature)
-    y, mean, var = _TrainingBatchNorm.apply(view.tensor, weight, bias, eps, chosen)  # type: ignore[no-untyped-call]
-    return view.restore(y), mean, var, view.values_per_statistic
-
-
-_NONFINITE_MESSAGE = (
-    "the training batch contains NaN or Inf (its mean or variance is not finite); running "
-    "statistics were left unchanged. Pass nonfinite='skip' to ignore such batches."
-)
-
-
-def _finite_statistics(mean: Tensor, var: Tensor) -> bool:
-    """Whether every entry of ``mean`` and ``var`` (per-feature vectors) is finite, with one host sync.
+def _finite(mean: Tensor, var: Tensor) -> bool:
+    """Whether every entry of the per-feature ``mean`` and ``var`` is finite, with one host sync.
 
     ``dot(mean, var)`` is NaN or infinite whenever an entry is (``inf * 0`` is
-    NaN, ``inf - inf`` too), so a finite dot product settles it in one kernel;
-    only a non-finite one (an infinity, or an overflow of finite values) needs
-    the exact test, ``v - v`` (0 for every finite ``v``, NaN otherwise).
+    NaN), so a finite dot product settles it in one kernel; only a non-finite
+    one (an infinity, or an overflow of finite values) needs the exact test.
     """
-    if (
-        mean.dtype == var.dtype
-        and mean.dtype in (torch.float32, torch.float64)
-        and mean.dim() == var.dim() == 1
-        and math.isfinite(float(torch.dot(mean, var)))
-    ):
+    if mean.dtype == var.dtype and math.isfinite(float(torch.dot(mean, var))):
         return True
-    return not math.isnan(float((mean - mean).add_(var - var).sum()))
+    return bool(torch.isfinite(mean).all() and torch.isfinite(var).all())
 
 
-_ONE = torch.tensor(1)
+def _blend(running: Tensor, batch: Tensor, factor: float | Tensor) -> Tensor:
+    """``(1 - factor) * running + factor * batch`` in the batch's (accumulation) precision.
 
-
-def _increment(counter: Tensor) -> None:
-    """``counter += 1`` in place; adding a cached 0-d tensor skips wrapping the Python 1 in a new one."""
-    counter.add_(_ONE if counter.dtype == torch.int64 else 1)
+    PyTorch's formula: an infinite running statistic stays infinite (``lerp`` would make it NaN).
+    """
+    return running.to(batch.dtype) * (1 - factor) + batch * factor
 
 
 def _update_running_stats(
@@ -231,129 +250,63 @@ def _update_running_stats(
     running_var: Tensor,
     mean: Tensor,
     var: Tensor,
-    values_per_statistic: int,
+    count: int,
     momentum: float | None,
     num_batches_tracked: Tensor | None,
     nonfinite: str,
+    host_checks: bool,
 ) -> bool:
-    """In-place moving-average update; return False when a non-finite batch was skipped."""
-    if not _finite_statistics(mean, var):
-        if nonfinite == "skip":
-            return False
-        raise NonfiniteBatchError(_NONFINITE_MESSAGE)
-    if momentum is None:
-        if num_batches_tracked is None:
-            raise ValueError("momentum=None (cumulative average) needs num_batches_tracked, got None")
-        factor = 1.0 / (int(num_batches_tracked.item()) + 1)
-    else:
-        factor = float(momentum)
-    m = values_per_statistic
-    unbiased = var * (m / (m - 1))
-    torch._foreach_lerp_(
-        [running_mean, running_var], [mean.to(running_mean.dtype), unbiased.to(running_var.dtype)], factor
-    )
-    if num_batches_tracked is not None:
-        _increment(num_batches_tracked)
-    return True
+    """Blend the batch mean and *unbiased* variance into the buffers, in place; False when the batch was skipped.
+
+    With ``host_checks`` a non-finite batch raises :class:`NonfiniteBatchError`
+    (``nonfinite="raise"``) or is skipped, decided on the host before anything
+    is written. Without (traced, transformed), the update is masked on the
+    device: a non-finite batch leaves buffers and counter as they were.
+    """
+    with torch.no_grad():
+        if momentum is None:
+            if num_batches_tracked is None:
+                raise BatchNormArgumentError("momentum=None (cumulative average) needs num_batches_tracked, got None")
+            factor: float | Tensor = 1.0 / (num_batches_tracked.to(mean.dtype) + 1)
+        else:
+            factor = float(momentum)
+        unbiased = var * (count / (count - 1))
+        if host_checks:
+            if not _finite(mean, var):
+                if nonfinite == "skip":
+                    return False
+                raise NonfiniteBatchError(_NONFINITE_MESSAGE)
+            running_mean.copy_(_blend(running_mean, mean, factor))
+            running_var.copy_(_blend(running_var, unbiased, factor))
+            if num_batches_tracked is not None:
+                num_batches_tracked.add_(1)
+            return True
+        ok = torch.isfinite(mean).all() & torch.isfinite(var).all()
+        running_mean.copy_(torch.where(ok, _blend(running_mean, mean, factor), running_mean.to(mean.dtype)))
+        running_var.copy_(torch.where(ok, _blend(running_var, unbiased, factor), running_var.to(var.dtype)))
+        if num_batches_tracked is not None:
+            num_batches_tracked.add_(ok.to(num_batches_tracked.dtype))
+        return True
 
 
-def _native_update_applies(
-    input: Tensor, running_mean: Tensor, running_var: Tensor, weight: Tensor | None, bias: Tensor | None
-) -> bool:
-    """Whether PyTorch's op can update (copies of) these buffers itself: one parameter dtype it accepts."""
-    dtype = running_mean.dtype
-    if running_var.dtype != dtype or running_mean.requires_grad or running_var.requires_grad:
-        return False
-    if (weight is not None and weight.dtype != dtype) or (bias is not None and bias.dtype != dtype):
-        return False
-    return dtype == input.dtype or (dtype == torch.float32 and input.dtype in _HALF_DTYPES)
+def _composite_training(
+    input: Tensor, feature: int, weight: Tensor | None, bias: Tensor | None, eps: float, backend: str
+) -> tuple[Tensor, Tensor, Tensor, int]:
+    """``(y, mean, var, count)`` from the ``torch_ops`` primitives, differentiated by PyTorch itself."""
+    compute = torch.float64 if backend == "exact" else kernels.accumulation_dtype(input.dtype)
+    count, mean, m2 = kernels.torch_ops.stats(input, feature, compute)
+    var = m2 / count if count else m2 * math.nan
+    invstd = torch.rsqrt(var + eps)
+    y = kernels.torch_ops.normalize(input, mean, invstd, weight, bias, feature, compute)
+    return y, mean.detach(), var.detach(), count
 
 
-def _torch_training_tracked(
+def _training(
+    chosen: kernels.Plan,
     input: Tensor,
     feature: int,
-    running_mean: Tensor,
-    running_var: Tensor,
-    weight: Tensor | None,
-    bias: Tensor | None,
-    momentum: float,
-    eps: float,
-    num_batches_tracked: Tensor | None,
-    nonfinite: str,
-    check_offset: bool,
-) -> tuple[Tensor, bool] | None:
-    """Training with PyTorch's op, whose kernel also returns the unbiased variance.
-
-    See :func:`kernels.torch_training_tracked`.
-
-    One host sync decides everything: ``mean * inv_std + (var - var)`` is NaN
-    or infinite wherever a batch statistic is (``var - var`` is NaN for an
-    infinite or NaN variance, whose ``inv_std`` is 0 or NaN), and otherwise
-    is the offset measure of :func:`kernels.torch_training`; one ``aminmax``
-    reads both. Only then are the buffers blended (one ``lerp`` for both)
-    and the counter incremented. Returns ``None`` for offset data
-    (``check_offset``), with nothing written, for the caller to take our forward.
-    """
-    y, mean, inv_std, batch_mean, unbiased_var = kernels.torch_training_tracked(
-        input, feature, weight, bias, eps, running_mean
-    )
-    low, high = torch.aminmax(torch.addcmul(unbiased_var - unbiased_var, mean, inv_std))
-    offset = max(float(high), -float(low))  # NaN in either one means NaN in both (aminmax propagates it)
-    return _torch_training_step(
-        running_mean,
-        running_var,
-        momentum,
-        num_batches_tracked,
-        nonfinite,
-        y,
-        batch_mean,
-        unbiased_var,
-        offset,
-        check_offset,
-    )
-
-
-def _torch_training_step(
-    running_mean: Tensor,
-    running_var: Tensor,
-    momentum: float,
-    num_batches_tracked: Tensor | None,
-    nonfinite: str,
-    y: Tensor,
-    batch_mean: Tensor,
-    unbiased_var: Tensor,
-    offset: float,
-    check_offset: bool,
-) -> tuple[Tensor, bool] | None:
-    """The decision after :func:`kernels.torch_training_tracked`, given ``offset = max |mean * inv_std + (var - var)|``.
-
-    Non-finite (a NaN or infinite statistic, or an overflow of ``mean * inv_std``):
-    the exact test tells them apart; a non-finite batch raises or is skipped
-    with nothing written. Above the offset tolerance (with ``check_offset``):
-    ``None``, nothing written. Otherwise the buffers are blended and the
-    counter incremented.
-    """
-    if not math.isfinite(offset):
-        if not _finite_statistics(batch_mean, unbiased_var):
-            batch_mean.zero_()  # the scratch tensors must stay finite
-            unbiased_var.zero_()
-            if nonfinite == "skip":
-                return y, False
-            raise NonfiniteBatchError(_NONFINITE_MESSAGE)
-        offset = math.inf
-    if check_offset and offset > kernels._OFFSET_TOLERANCE:
-        return None
-    torch._foreach_lerp_((running_mean, running_var), (batch_mean, unbiased_var), momentum)
-    if num_batches_tracked is not None:
-        _increment(num_batches_tracked)
-    return y, True
-
-
-def _offset_fallback(
-    input: Tensor,
-    feature: int,
-    running_mean: Tensor,
-    running_var: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
     weight: Tensor | None,
     bias: Tensor | None,
     momentum: float | None,
@@ -361,191 +314,52 @@ def _offset_fallback(
     num_batches_tracked: Tensor | None,
     nonfinite: str,
 ) -> tuple[Tensor, bool]:
-    """Offset data (``max |mean| / std > 16``): our forward and statistics, PyTorch's backward, then the update."""
-    layout = "feature-last" if kernels._is_feature_last(input, feature) else "channels-first"
-    chosen = kernels.Plan("eager", "torch", layout, _OFFSET_PLAN.reason)
-    y, mean, var, values_per_statistic = _training(input, feature, weight, bias, eps, chosen)
-    with torch.no_grad():
-        updated = _update_running_stats(
-            running_mean, running_var, mean, var, values_per_statistic, momentum, num_batches_tracked, nonfinite
+    if chosen.route == "fused":
+        y, status = native.train(
+            input, weight, bias, running_mean, running_var, num_batches_tracked, feature, momentum, eps
         )
+        if y is not None:
+            if status == 1 and nonfinite == "raise" and running_mean is not None:
+                raise NonfiniteBatchError(_NONFINITE_MESSAGE)
+            return y, status == 0 and running_mean is not None
+        assert chosen.fallback is not None
+        chosen = chosen.fallback
+    if chosen.route == "function":
+        y, mean, var = BatchNormFunction.apply(input, weight, bias, feature, eps, chosen.backend)  # type: ignore[no-untyped-call]
+        count = input.numel() // input.shape[feature]
+    else:
+        y, mean, var, count = _composite_training(input, feature, weight, bias, eps, chosen.backend)
+    if running_mean is None or running_var is None:
+        return y, False
+    if count == 0:  # an empty batch: PyTorch's layers leave the statistics and count the batch
+        if num_batches_tracked is not None:
+            num_batches_tracked.add_(1)
+        return y, False
+    host_checks = chosen.host_checks and not kernels._transformed(mean)
+    updated = _update_running_stats(
+        running_mean, running_var, mean, var, count, momentum, num_batches_tracked, nonfinite, host_checks
+    )
     return y, updated
 
 
-def _fast_arguments(
+def _inference(
+    chosen: kernels.Plan,
     input: Tensor,
-    running_mean: Tensor | None,
-    running_var: Tensor | None,
-    weight: Tensor | None,
-    bias: Tensor | None,
-    momentum: float | None,
-    eps: float,
-    axis: int,
-    nonfinite: str,
-) -> int | None:
-    """The canonical feature axis when the arguments are plainly valid (buffers given); ``None`` for anything else.
-
-    Cheap inline conditions for the fast paths; ``None`` sends the call to
-    :func:`check_arguments`, which validates everything and words the errors.
-    """
-    if not (
-        isinstance(input, Tensor)
-        and type(axis) is int
-        and type(momentum) is float
-        and 0.0 <= momentum <= 1.0
-        and type(eps) is float
-        and eps > 0
-        and (nonfinite == "raise" or nonfinite == "skip")
-        and input.is_floating_point()
-    ):
-        return None
-    ndim = input.dim()
-    if not -ndim <= axis < ndim:
-        return None
-    feature = axis % ndim
-    shape = (input.shape[feature],)
-    if not (
-        isinstance(running_mean, Tensor)
-        and running_mean.shape == shape
-        and isinstance(running_var, Tensor)
-        and running_var.shape == shape
-        and (weight is None or (isinstance(weight, Tensor) and weight.shape == shape))
-        and (bias is None or (isinstance(bias, Tensor) and bias.shape == shape))
-    ):
-        return None
-    return feature
-
-
-def _fast_training(
-    input: Tensor,
-    running_mean: Tensor,
-    running_var: Tensor,
-    weight: Tensor | None,
-    bias: Tensor | None,
-    momentum: float | None,
-    eps: float,
-    axis: int,
-    num_batches_tracked: Tensor | None,
-    nonfinite: str,
-) -> tuple[Tensor, bool] | None:
-    """The common training call (valid arguments, PyTorch's op, tracked statistics) with the least Python.
-
-    Every condition is cheap and inline; when one fails (an unusual or an
-    invalid argument, another kernel) this returns ``None`` without doing
-    anything, and :func:`batch_norm_with_status` takes the general path,
-    which validates and words the errors (:func:`check_arguments`). What it
-    runs is :func:`_torch_training_tracked`, inline.
-    """
-    feature = _fast_arguments(input, running_mean, running_var, weight, bias, momentum, eps, axis, nonfinite)
-    if (
-        feature is None
-        or input.numel() // input.shape[feature] <= 1
-        or not kernels.torch_training_applies(input, feature)
-    ):
-        return None
-    assert momentum is not None  # _fast_arguments checked it is a float
-    # _native_update_applies, inline
-    dtype = running_mean.dtype
-    if not (
-        running_var.dtype == dtype
-        and not running_mean.requires_grad
-        and not running_var.requires_grad
-        and (weight is None or weight.dtype == dtype)
-        and (bias is None or bias.dtype == dtype)
-        and (dtype == input.dtype or (dtype == torch.float32 and input.dtype in _HALF_DTYPES))
-    ):
-        return None
-    y, mean, inv_std, batch_mean, unbiased_var = kernels.torch_training_tracked(
-        input, feature, weight, bias, eps, running_mean
-    )
-    low, high = torch.aminmax(torch.addcmul(unbiased_var - unbiased_var, mean, inv_std))
-    offset = max(float(high), -float(low))
-    if offset <= kernels._OFFSET_TOLERANCE:  # False for NaN
-        torch._foreach_lerp_((running_mean, running_var), (batch_mean, unbiased_var), momentum)
-        if num_batches_tracked is not None:
-            num_batches_tracked.add_(_ONE if num_batches_tracked.dtype == torch.int64 else 1)
-        return y, True
-    # Rare: a non-finite batch, offset data, or both: the general step sorts them out.
-    result = _torch_training_step(
-        running_mean, running_var, momentum, num_batches_tracked, nonfinite, y, batch_mean, unbiased_var, offset, True
-    )
-    if result is None:
-        return _offset_fallback(
-            input, feature, running_mean, running_var, weight, bias, momentum, eps, num_batches_tracked, nonfinite
-        )
-    return result
-
-
-def _native_applies(input: Tensor, axis: int, eps: float) -> bool:
-    """The Python side of the native fast paths' precondition: plain argument types, a CPU input of a dtype the
-    library has, ``auto`` in force with debug logging off, no ``torch.compile`` tracing. The operators check the rest.
-    """
-    return (
-        type(axis) is int
-        and type(eps) is float
-        and isinstance(input, Tensor)
-        and input.is_cpu
-        and native.code(input.dtype) is not None
-        and kernels._auto_unlogged()
-        and not torch.compiler.is_compiling()
-    )
-
-
-def _native_training(
-    input: Tensor,
-    running_mean: Tensor | None,
-    running_var: Tensor | None,
-    weight: Tensor | None,
-    bias: Tensor | None,
-    momentum: float | None,
-    eps: float,
-    axis: int,
-    num_batches_tracked: Tensor | None,
-    nonfinite: str,
-) -> tuple[Tensor, bool] | None:
-    """The common training call on the native operator: one call forward (update included), a C++ backward.
-
-    The operator checks the tensors itself (in C++, see :func:`batchnorm.kernels.native.train`)
-    and declines what its kernels do not take as it is; then, and for
-    anything unusual here (another kernel setting, debug logging, argument
-    types), this returns ``None`` having done nothing, for the general path,
-    which validates everything and words the errors.
-    """
-    if not (
-        (momentum is None or (type(momentum) is float and 0.0 <= momentum <= 1.0))
-        and (nonfinite == "raise" or nonfinite == "skip")
-        and _native_applies(input, axis, eps)
-    ):
-        return None
-    try:
-        y, status = native.train(
-            input, weight, bias, running_mean, running_var, num_batches_tracked, axis, momentum, eps
-        )
-    except TypeError:  # an argument of a type the operator's schema refuses
-        return None
-    if y is None:
-        return None
-    if status == 1 and nonfinite == "raise":
-        raise NonfiniteBatchError(_NONFINITE_MESSAGE)
-    return y, status == 0 and running_mean is not None
-
-
-def _native_inference(
-    input: Tensor,
+    feature: int,
     running_mean: Tensor,
     running_var: Tensor,
     weight: Tensor | None,
     bias: Tensor | None,
     eps: float,
-    axis: int,
-) -> Tensor | None:
-    """Eval on the native operator when nothing needs a gradient and it takes the arguments; else ``None``."""
-    if not _native_applies(input, axis, eps):
-        return None
-    try:
-        return native.inference(input, running_mean, running_var, weight, bias, axis, eps)
-    except TypeError:
-        return None
+) -> Tensor:
+    """Algorithm 2: ``y = (x - running_mean) / sqrt(running_var + eps) * weight + bias``."""
+    if chosen.route == "fused":
+        y = native.inference(input, running_mean, running_var, weight, bias, feature, eps)
+        if y is not None:
+            return y
+    compute = torch.float64 if chosen.backend == "exact" else kernels.accumulation_dtype(input.dtype)
+    invstd = torch.rsqrt(running_var.to(compute) + eps)
+    return kernels.torch_ops.normalize(input, running_mean, invstd, weight, bias, feature, compute)
 
 
 def batch_norm_with_status(
@@ -562,89 +376,27 @@ def batch_norm_with_status(
     num_batches_tracked: Tensor | None = None,
     nonfinite: NonfinitePolicy = "raise",
 ) -> tuple[Tensor, bool]:
-    """:func:`batch_norm`, also returning whether running statistics were updated."""
-    if training:
-        result = _native_training(
-            input, running_mean, running_var, weight, bias, momentum, eps, axis, num_batches_tracked, nonfinite
-        )
-        if result is not None:
-            return result
-    if training and running_mean is not None and running_var is not None:
-        result = _fast_training(
-            input, running_mean, running_var, weight, bias, momentum, eps, axis, num_batches_tracked, nonfinite
-        )
-        if result is not None:
-            return result
-    elif not training and running_mean is not None and running_var is not None:
-        output = _native_inference(input, running_mean, running_var, weight, bias, eps, axis)
-        if output is not None:
-            return output, False
-        feature = _fast_arguments(input, running_mean, running_var, weight, bias, momentum, eps, axis, nonfinite)
-        if feature is not None and kernels.torch_inference_applies(input, feature):
-            return torch.native_batch_norm(input, weight, bias, running_mean, running_var, False, 0.0, eps)[0], False
+    """:func:`batch_norm`, also returning whether the running statistics were updated."""
     if nonfinite not in NONFINITE_POLICIES:
-        raise ValueError(f"expected nonfinite to be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
+        raise BatchNormArgumentError(f"expected nonfinite to be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
     feature = check_arguments(input, running_mean, running_var, weight, bias, training, momentum, eps, axis)
-    if not training:
-        assert running_mean is not None
-        assert running_var is not None
-        return _inference(input, feature, running_mean, running_var, weight, bias, eps), False
-    chosen = kernels.plan(input, "train", feature)
-    if running_mean is None or running_var is None:
-        return _training(input, feature, weight, bias, eps, chosen)[0], False
-    if (
-        chosen.forward == "torch"
-        and chosen.backward == "torch"
-        and (momentum is not None or num_batches_tracked is not None)
-        and _native_update_applies(input, running_mean, running_var, weight, bias)
-    ):
-        # PyTorch's op computes the new running statistics in its own kernel: the fast path.
-        factor = float(momentum) if momentum is not None else 1.0 / (int(num_batches_tracked.item()) + 1)  # type: ignore[union-attr]
-        result = _torch_training_tracked(
+    chosen = kernels.plan(input, training, weight, bias)
+    if training:
+        return _training(
+            chosen,
             input,
             feature,
             running_mean,
             running_var,
             weight,
             bias,
-            factor,
-            eps,
-            num_batches_tracked,
-            nonfinite,
-            check_offset=not chosen.forced,
-        )
-        if result is not None:
-            return result
-        return _offset_fallback(
-            input, feature, running_mean, running_var, weight, bias, momentum, eps, num_batches_tracked, nonfinite
-        )
-    y, mean, var, values_per_statistic = _training(input, feature, weight, bias, eps, chosen)
-    with torch.no_grad():
-        updated = _update_running_stats(
-            running_mean,
-            running_var,
-            mean,
-            var,
-            values_per_statistic,
             momentum,
+            float(eps),
             num_batches_tracked,
             nonfinite,
         )
-    return y, updated
-
-
-def _inference(
-    input: Tensor,
-    feature: int,
-    running_mean: Tensor,
-    running_var: Tensor,
-    weight: Tensor | None,
-    bias: Tensor | None,
-    eps: float,
-) -> Tensor:
-    """Algorithm 2, ``y = (x - running_mean) / sqrt(running_var + eps) * weight + bias``, via :func:`kernels.plan`."""
-    chosen = kernels.plan(input, "eval", feature)
-    return kernels.inference(input, feature, running_mean, running_var, weight, bias, eps, chosen)
+    assert running_mean is not None and running_var is not None
+    return _inference(chosen, input, feature, running_mean, running_var, weight, bias, float(eps)), False
 
 
 def batch_norm(

@@ -70,7 +70,11 @@ __all__ = [
     "build",
     "code",
     "failure",
+    "grad_input",
+    "grad_sums",
     "inference",
+    "normalize",
+    "stats",
     "library_path",
     "supports",
     "train",
@@ -284,11 +288,20 @@ _library = _Library()
 
 def _bind() -> bool:
     """Look the operators up once; call them below the ``OpOverload`` wrapper, whose ``__call__`` costs ~0.5 us."""
-    global _train, _forward, _backward, _inference
+    global _train, _forward, _backward, _inference, _stats, _normalize, _grad_sums, _grad_input
     ops = torch.ops.batchnorm
-    _train, _forward, _backward, _inference = (
+    _train, _forward, _backward, _inference, _stats, _normalize, _grad_sums, _grad_input = (
         getattr(overload, "_op", overload)
-        for overload in (ops.train.default, ops.forward.default, ops.backward.default, ops.inference.default)
+        for overload in (
+            ops.train.default,
+            ops.forward.default,
+            ops.backward.default,
+            ops.inference.default,
+            ops.stats.default,
+            ops.normalize.default,
+            ops.grad_sums.default,
+            ops.grad_input.default,
+        )
     )
     return True
 
@@ -297,6 +310,10 @@ _train: Any = None
 _forward: Any = None
 _backward: Any = None
 _inference: Any = None
+_stats: Any = None
+_normalize: Any = None
+_grad_sums: Any = None
+_grad_input: Any = None
 
 
 def _require() -> None:
@@ -447,6 +464,69 @@ def inference(
         _require()
     y: Tensor | None = _inference(x, running_mean, running_var, weight, bias, axis, eps)
     return y
+
+
+# --- the four primitives (see batchnorm.kernels); each returns None when the kernels do not take its arguments ---
+
+
+def stats(x: Tensor, axis: int) -> Tensor | None:
+    """Per-feature ``[mean; biased var]`` as a ``(2, C)`` tensor of the accumulation dtype, or ``None``.
+
+    Shape:
+        - x: ``(*, C, *)`` with ``C`` at ``axis`` (a dense block); output: ``(2, C)``.
+    """
+    if _stats is None:
+        _require()
+    result: Tensor | None = _stats(x, axis)
+    return result
+
+
+def normalize(
+    x: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor | None, bias: Tensor | None, axis: int
+) -> Tensor | None:
+    """``y = (x - mean) * (invstd * weight) + bias`` with ``x``'s strides, or ``None``.
+
+    Shape:
+        - x, y: ``(*, C, *)`` with ``C`` at ``axis``; the rest: ``(C,)``.
+    """
+    if _normalize is None:
+        _require()
+    result: Tensor | None = _normalize(x, mean, invstd, weight, bias, axis)
+    return result
+
+
+def grad_sums(dy: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, axis: int) -> Tensor | None:
+    """``[sum(dy); sum(dy * x_hat)]`` as a ``(2, C)`` tensor of the accumulation dtype, or ``None``.
+
+    Shape:
+        - dy, x: ``(*, C, *)`` with ``C`` at ``axis``; mean, invstd: ``(C,)``; output: ``(2, C)``.
+    """
+    if _grad_sums is None:
+        _require()
+    result: Tensor | None = _grad_sums(dy, x, mean, invstd, axis)
+    return result
+
+
+def grad_input(
+    dy: Tensor,
+    x: Tensor,
+    mean: Tensor,
+    invstd: Tensor,
+    weight: Tensor | None,
+    sum_dy: Tensor,
+    sum_dy_xhat: Tensor,
+    count: float,
+    axis: int,
+) -> Tensor | None:
+    """``dx = invstd * weight * (dy - sum_dy / count - x_hat * sum_dy_xhat / count)`` with ``x``'s strides, or ``None``.
+
+    Shape:
+        - dy, x, dx: ``(*, C, *)`` with ``C`` at ``axis``; the rest: ``(C,)``.
+    """
+    if _grad_input is None:
+        _require()
+    result: Tensor | None = _grad_input(dy, x, mean, invstd, weight, sum_dy, sum_dy_xhat, float(count), axis)
+    return result
 
 
 def main() -> int:

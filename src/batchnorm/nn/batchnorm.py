@@ -13,19 +13,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from batchnorm.functional import (
-    NONFINITE_POLICIES,
-    NonfinitePolicy,
-    _fast_training,
-    _native_inference,
-    _native_training,
-    batch_norm_with_status,
-)
+from batchnorm.functional import NONFINITE_POLICIES, BatchNormArgumentError, NonfinitePolicy, batch_norm
 
 __all__ = ["BatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "convert", "is_batch_norm"]
 
 
-class BatchNorm(nn.Module):
+class BatchNorm(nn.modules.batchnorm._BatchNorm):
     r"""Batch normalization over every axis except ``axis`` (Ioffe & Szegedy, 2015).
 
     .. math::
@@ -67,6 +60,12 @@ class BatchNorm(nn.Module):
     Shape:
         - Input: ``(*, C, *)`` with ``C`` at ``axis``.
         - Output: same shape, dtype and memory layout as the input.
+
+    It is an instance of ``torch.nn.modules.batchnorm._BatchNorm`` (and
+    :class:`BatchNorm1d`/``2d``/``3d`` of ``torch.nn.BatchNorm1d``/``2d``/``3d``),
+    so helpers that look for batch norm by type (``SyncBatchNorm.convert_sync_batchnorm``,
+    ``torch.func.replace_all_batch_norm_modules_``, weight-decay and freezing
+    helpers of other libraries) treat it as one.
     """
 
     _version = 2
@@ -86,7 +85,7 @@ class BatchNorm(nn.Module):
         *,
         bias: bool = True,
     ) -> None:
-        super().__init__()
+        nn.Module.__init__(self)
         if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
             raise ValueError(f"expected num_features to be a positive integer, got {num_features!r}")
         if not (isinstance(eps, (int, float)) and eps > 0):
@@ -154,74 +153,29 @@ class BatchNorm(nn.Module):
     def _check_input_dim(self, input: Tensor) -> None:
         if self._allowed_ranks is not None and input.dim() not in self._allowed_ranks:
             expected = " or ".join(f"{rank}D" for rank in self._allowed_ranks)
-            raise ValueError(f"expected {expected} input (got {input.dim()}D input)")
+            raise BatchNormArgumentError(f"expected {expected} input (got {input.dim()}D input)")
 
     def forward(self, input: Tensor) -> Tensor:
+        """Batch statistics in training (and when no running statistics are kept), running ones in eval."""
         self._check_input_dim(input)
-        try:  # the dictionaries directly: nn.Module.__getattr__ is a Python call per attribute
-            parameters, buffers = self._parameters, self._buffers
-            weight, bias = parameters["weight"], parameters["bias"]
-            running_mean, running_var = buffers["running_mean"], buffers["running_var"]
-            counter = buffers["num_batches_tracked"]
-        except KeyError:  # parametrized (torch.nn.utils.parametrize) or otherwise customised
-            weight, bias = self.weight, self.bias
-            running_mean, running_var, counter = self.running_mean, self.running_var, self.num_batches_tracked
-        num_batches_tracked = None
-        if self.training:
-            use_batch_stats = True
-            if self.track_running_stats:
-                num_batches_tracked = counter
-            else:  # in training without tracking the buffers are not passed
-                running_mean = running_var = None
-            native = _native_training(
-                input,
-                running_mean,
-                running_var,
-                weight,
-                bias,
-                self.momentum,
-                self.eps,
-                self.axis,
-                num_batches_tracked,
-                self.nonfinite,
-            )
-            if native is not None:
-                return native[0]
-            if running_mean is not None and running_var is not None:
-                fast = _fast_training(
-                    input,
-                    running_mean,
-                    running_var,
-                    weight,
-                    bias,
-                    self.momentum,
-                    self.eps,
-                    self.axis,
-                    num_batches_tracked,
-                    self.nonfinite,
-                )
-                if fast is not None:
-                    return fast[0]
-        else:
-            use_batch_stats = running_mean is None
-            if running_mean is not None and running_var is not None:
-                output = _native_inference(input, running_mean, running_var, weight, bias, self.eps, self.axis)
-                if output is not None:
-                    return output
-        output, _ = batch_norm_with_status(
+        running_mean, running_var = self.running_mean, self.running_var
+        counter = self.num_batches_tracked
+        if self.training and not self.track_running_stats:
+            running_mean = running_var = counter = None  # batch statistics, buffers left alone
+        use_batch_stats = self.training or running_mean is None
+        return batch_norm(
             input,
-            running_mean,
-            running_var,
-            weight,
-            bias,
+            running_mean if not use_batch_stats or self.training else None,
+            running_var if not use_batch_stats or self.training else None,
+            self.weight,
+            self.bias,
             use_batch_stats,
             self.momentum,
             self.eps,
             self.axis,
-            num_batches_tracked=num_batches_tracked,
+            num_batches_tracked=counter if self.training else None,
             nonfinite=self.nonfinite,
         )
-        return output
 
     def extra_repr(self) -> str:
         text = f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
@@ -286,7 +240,7 @@ class _FixedAxisBatchNorm(BatchNorm):
         )
 
 
-class BatchNorm1d(_FixedAxisBatchNorm):
+class BatchNorm1d(_FixedAxisBatchNorm, nn.BatchNorm1d):
     """Drop-in for ``torch.nn.BatchNorm1d``: a dense ``(N, C)`` or sequence ``(N, C, L)`` input.
 
     Statistics pool ``N`` (or ``N*L``) values per feature. Arguments as :class:`BatchNorm`.
@@ -298,7 +252,7 @@ class BatchNorm1d(_FixedAxisBatchNorm):
     _allowed_ranks = (2, 3)
 
 
-class BatchNorm2d(_FixedAxisBatchNorm):
+class BatchNorm2d(_FixedAxisBatchNorm, nn.BatchNorm2d):
     """Drop-in for ``torch.nn.BatchNorm2d``: image batches ``(N, C, H, W)``, ``N*H*W`` values per channel.
 
     Arguments as :class:`BatchNorm`.
@@ -310,7 +264,7 @@ class BatchNorm2d(_FixedAxisBatchNorm):
     _allowed_ranks = (4,)
 
 
-class BatchNorm3d(_FixedAxisBatchNorm):
+class BatchNorm3d(_FixedAxisBatchNorm, nn.BatchNorm3d):
     """Drop-in for ``torch.nn.BatchNorm3d``: volumes ``(N, C, D, H, W)``, ``N*D*H*W`` values per channel.
 
     Arguments as :class:`BatchNorm`.

@@ -88,16 +88,14 @@ def _invertible(activation: str, negative_slope: float) -> bool:
     return activation in ("sigmoid", "tanh") or (activation == "leaky_relu" and negative_slope > 0)
 
 
-def _reduce(t: Tensor) -> Tensor:
-    return t.sum(2).sum(0)
-
-
-def _per_feature(vector: Tensor) -> Tensor:
-    return vector.view(1, -1, 1)
+def _broadcast(vector: Tensor, like: Tensor, feature: int) -> Tensor:
+    shape = [1] * like.dim()
+    shape[feature] = vector.shape[0]
+    return vector.view(shape)
 
 
 class _BatchNormActFunction(torch.autograd.Function):
-    """Training-mode ``act(BN(x))`` on a ``(B, C, S)`` view, saving one full tensor (see the module docstring)."""
+    """Training-mode ``act(BN(x))`` from the kernel primitives, saving one full tensor (see the module docstring)."""
 
     @staticmethod
     def forward(
@@ -105,13 +103,16 @@ class _BatchNormActFunction(torch.autograd.Function):
         x: Tensor,
         weight: Tensor | None,
         bias: Tensor | None,
+        feature: int,
         eps: float,
         activation: str,
         negative_slope: float,
         recompute: str,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        chosen = kernels.plan(x, "train")
-        z, mean, var, inv_std = kernels.train_forward(x, weight, bias, eps, chosen)
+        count, mean, m2 = kernels.stats(x, feature)
+        var = m2 / count
+        inv_std = torch.rsqrt(var + eps)
+        z = kernels.normalize(x, mean, inv_std, weight, bias, feature)
         a = _activate(z, activation, negative_slope)
         from_output = recompute == "output" and _invertible(activation, negative_slope)
         if from_output and weight is not None:
@@ -119,6 +120,8 @@ class _BatchNormActFunction(torch.autograd.Function):
         ctx.from_output = from_output
         ctx.activation = activation
         ctx.negative_slope = negative_slope
+        ctx.feature = feature
+        ctx.count = count
         ctx.save_for_backward(a if from_output else x, weight, bias, mean, inv_std)
         ctx.mark_non_differentiable(mean, var)
         return a, mean, var
@@ -126,43 +129,43 @@ class _BatchNormActFunction(torch.autograd.Function):
     @staticmethod
     def backward(
         ctx: Any, grad_output: Tensor, _grad_mean: Tensor | None, _grad_var: Tensor | None
-    ) -> tuple[Tensor | None, Tensor | None, Tensor | None, None, None, None, None]:
+    ) -> tuple[Tensor | None, Tensor | None, Tensor | None, None, None, None, None, None]:
         if torch.is_grad_enabled():
             raise RuntimeError(
                 "BatchNormAct does not support double backward (create_graph=True): its backward "
                 "recomputes from a saved output. Use BatchNorm followed by the activation instead."
             )
         saved, weight, bias, mean, inv_std = ctx.saved_tensors
+        feature = ctx.feature
         acc = mean.dtype
-        batches, _, positions = saved.shape
-        count = batches * positions
         gain = inv_std if weight is None else inv_std * weight.to(acc)
         if ctx.from_output:
             a = saved.to(acc)
             z = _inverse(a, ctx.activation, ctx.negative_slope)
             if bias is not None:
-                z = z - _per_feature(bias.to(acc))
-            x_hat = z if weight is None else z / _per_feature(weight.to(acc))
+                z = z - _broadcast(bias.to(acc), z, feature)
+            x_hat = z if weight is None else z / _broadcast(weight.to(acc), z, feature)
         else:
-            x_hat = (saved.to(acc) - _per_feature(mean)) * _per_feature(inv_std)
-            z = x_hat if weight is None else x_hat * _per_feature(weight.to(acc))
+            x_hat = (saved.to(acc) - _broadcast(mean, saved, feature)) * _broadcast(inv_std, saved, feature)
+            z = x_hat if weight is None else x_hat * _broadcast(weight.to(acc), x_hat, feature)
             if bias is not None:
-                z = z + _per_feature(bias.to(acc))
+                z = z + _broadcast(bias.to(acc), z, feature)
             a = _activate(z, ctx.activation, ctx.negative_slope)
         grad_z = grad_output.to(acc) * _derivative_from_output(a, ctx.activation, ctx.negative_slope)
-        sum_grad_z = _reduce(grad_z)  # dbeta
-        sum_grad_z_x_hat = _reduce(grad_z * x_hat)  # dgamma
+        # The primitives on x_hat itself (mean 0, inverse std 1) with the gain in place of the weight.
+        zeros, ones = torch.zeros_like(mean), torch.ones_like(mean)
+        sum_grad_z, sum_grad_z_x_hat = kernels.grad_sums(grad_z, x_hat, zeros, ones, feature)  # dbeta, dgamma
         need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
         grad_input = None
         if need_input:
-            grad_input = (
-                grad_z - _per_feature(sum_grad_z / count) - x_hat * _per_feature(sum_grad_z_x_hat / count)
-            ) * _per_feature(gain)
-            grad_input = grad_input.to(saved.dtype)
+            grad_input = kernels.grad_input(
+                grad_z, x_hat, zeros, ones, gain, sum_grad_z, sum_grad_z_x_hat, ctx.count, feature
+            ).to(saved.dtype)
         return (
             grad_input,
             sum_grad_z_x_hat.to(weight.dtype) if need_weight else None,
             sum_grad_z.to(bias.dtype) if need_bias else None,
+            None,
             None,
             None,
             None,
@@ -212,23 +215,29 @@ def batch_norm_act(
     if nonfinite not in functional.NONFINITE_POLICIES:
         raise ValueError(f"expected nonfinite to be one of {functional.NONFINITE_POLICIES}, got {nonfinite!r}")
     feature = functional.check_arguments(input, running_mean, running_var, weight, bias, training, momentum, eps, axis)
-    view = kernels.canonical_view(input, feature)
+    if kernels.plan(input, True, weight, bias).route == "composite":
+        # Traced, transformed or empty: the plain composition, which PyTorch differentiates itself.
+        y = functional.batch_norm(
+            input, running_mean, running_var, weight, bias, True, momentum, eps, axis,
+            num_batches_tracked=num_batches_tracked, nonfinite=nonfinite,
+        )  # fmt: skip
+        return _activate(y, activation, float(negative_slope))
     a, mean, var = _BatchNormActFunction.apply(  # type: ignore[no-untyped-call]
-        view.tensor, weight, bias, eps, activation, float(negative_slope), recompute
+        input, weight, bias, feature, float(eps), activation, float(negative_slope), recompute
     )
     if running_mean is not None and running_var is not None:
-        with torch.no_grad():
-            functional._update_running_stats(
-                running_mean,
-                running_var,
-                mean,
-                var,
-                view.values_per_statistic,
-                momentum,
-                num_batches_tracked,
-                nonfinite,
-            )
-    return view.restore(a)
+        functional._update_running_stats(
+            running_mean,
+            running_var,
+            mean,
+            var,
+            input.numel() // input.shape[feature],
+            momentum,
+            num_batches_tracked,
+            nonfinite,
+            True,
+        )
+    return a
 
 
 class BatchNormAct(BatchNorm):

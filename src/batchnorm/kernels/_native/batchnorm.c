@@ -154,10 +154,9 @@ static void input_grad_rows_stream(const float *dy, const float *x, float *dx, i
 #define HAVE_STREAMING 0
 #endif
 
-/* PyTorch's lerp: start + w * (end - start) for w < 0.5, end - (end - start) * (1 - w) otherwise. */
-static double lerp(double start, double end, double w) {
-    return w < 0.5 ? start + w * (end - start) : end - (end - start) * (1.0 - w);
-}
+/* PyTorch's running-statistics blend, (1 - w) * start + w * end (in double): an infinite running
+   statistic stays infinite (start + w * (end - start) would turn it into NaN). */
+static double lerp(double start, double end, double w) { return (1.0 - w) * start + w * end; }
 
 static inline float bf16_load(uint16_t v) {
     uint32_t bits = (uint32_t)v << 16;
@@ -325,6 +324,45 @@ int bn_inference(int dtype, const void *x, void *y, int64_t B, int64_t C, int64_
 #if HAVE_FLOAT16
     case BN_FLOAT16:
         return inference_f16(x, y, B, C, S, running_mean, running_var, weight, bias, eps);
+#endif
+    default:
+        return -1;
+    }
+}
+
+/* The normalize primitive on a contiguous (B, C, S) x: y = (x - mean) * (invstd * weight) + bias. */
+int bn_normalize(int dtype, const void *x, void *y, int64_t B, int64_t C, int64_t S, const void *mean,
+                 const void *invstd, const void *weight, const void *bias) {
+    switch (dtype) {
+    case BN_FLOAT32:
+        return normalize_f32(x, y, B, C, S, mean, invstd, weight, bias);
+    case BN_FLOAT64:
+        return normalize_f64(x, y, B, C, S, mean, invstd, weight, bias);
+    case BN_BFLOAT16:
+        return normalize_bf16(x, y, B, C, S, mean, invstd, weight, bias);
+#if HAVE_FLOAT16
+    case BN_FLOAT16:
+        return normalize_f16(x, y, B, C, S, mean, invstd, weight, bias);
+#endif
+    default:
+        return -1;
+    }
+}
+
+/* The grad_input primitive: dx from dy, x, the statistics and the two gradient sums over `count` values. */
+int bn_grad_input(int dtype, const void *dy, const void *x, void *dx, int64_t B, int64_t C, int64_t S,
+                  const void *mean, const void *invstd, const void *weight, const void *sum_dy,
+                  const void *sum_dy_xhat, double count) {
+    switch (dtype) {
+    case BN_FLOAT32:
+        return grad_input_sums_f32(dy, x, dx, B, C, S, mean, invstd, weight, sum_dy, sum_dy_xhat, count);
+    case BN_FLOAT64:
+        return grad_input_sums_f64(dy, x, dx, B, C, S, mean, invstd, weight, sum_dy, sum_dy_xhat, count);
+    case BN_BFLOAT16:
+        return grad_input_sums_bf16(dy, x, dx, B, C, S, mean, invstd, weight, sum_dy, sum_dy_xhat, count);
+#if HAVE_FLOAT16
+    case BN_FLOAT16:
+        return grad_input_sums_f16(dy, x, dx, B, C, S, mean, invstd, weight, sum_dy, sum_dy_xhat, count);
 #endif
     default:
         return -1;

@@ -31,6 +31,11 @@ int bn_backward(int dtype, const void *dy, const void *x, void *dx, int64_t B, i
                 const void *mean, const void *invstd, const void *weight, void *grad_weight, void *grad_bias);
 int bn_inference(int dtype, const void *x, void *y, int64_t B, int64_t C, int64_t S, const void *running_mean,
                  const void *running_var, const void *weight, const void *bias, double eps);
+int bn_normalize(int dtype, const void *x, void *y, int64_t B, int64_t C, int64_t S, const void *mean,
+                 const void *invstd, const void *weight, const void *bias);
+int bn_grad_input(int dtype, const void *dy, const void *x, void *dx, int64_t B, int64_t C, int64_t S,
+                  const void *mean, const void *invstd, const void *weight, const void *sum_dy,
+                  const void *sum_dy_xhat, double count);
 int bn_supports(int dtype);
 }
 
@@ -149,6 +154,8 @@ std::tuple<Tensor, Tensor, Tensor> composite_backward(const Tensor &dy, const Te
     return {dx, sum_dy_x_hat.view({features}), sum_dy.view({features})};
 }
 
+bool plain_tensor(const Tensor &t);
+
 // The buffers a training call updates: not inputs of the autograd function (no gradient flows to them).
 struct Buffers {
     Tensor running_mean, running_var, counter;
@@ -185,7 +192,8 @@ struct Train : public torch::autograd::Function<Train> {
         bool need_bias = has_bias && ctx->needs_input_grad(has_weight ? 2 : 1);
         Tensor dx, dweight, dbias;
         if (dy.defined()) {
-            if (at::GradMode::is_enabled()) {
+            // create_graph=True, or a batched dy (is_grads_batched, torch.func): differentiable ATen operations.
+            if (at::GradMode::is_enabled() || !plain_tensor(dy)) {
                 std::tie(dx, dweight, dbias) = composite_backward(dy, x, ctx->saved_data["feature"].toInt(), weight,
                                                                   ctx->saved_data["eps"].toDouble(), need_input);
             } else {
@@ -362,6 +370,91 @@ std::tuple<Tensor, Tensor, Tensor> backward(const Tensor &dy, const Tensor &x, c
     return run_backward(dy, x, s, stats, value_or_undefined(weight), need_input);
 }
 
+
+// --- the four primitives (batchnorm.kernels): None when the kernels do not take the arguments as they are ---
+
+// Per-feature (mean, biased var) as a (2, C) tensor of the accumulation dtype.
+std::optional<Tensor> stats(const Tensor &x, int64_t axis) {
+    int64_t feature;
+    Sizes s;
+    if (!dense_block(x, axis, feature, s)) return std::nullopt;
+    follow_torch_threads();
+    Tensor out = at::empty({2, s.features}, x.options().dtype(accumulation(x)));
+    char *base = static_cast<char *>(out.mutable_data_ptr());
+    int64_t step = s.features * static_cast<int64_t>(out.element_size());
+    int status = bn_forward(dtype_code(x), x.const_data_ptr(), nullptr, s.batches, s.features, s.positions, nullptr,
+                            nullptr, base, nullptr, base + step, nullptr, nullptr, 0.0, nullptr, 1.0);
+    check_status(status, "stats");
+    return out;
+}
+
+std::optional<Tensor> normalize(const Tensor &x, const Tensor &mean, const Tensor &invstd,
+                                const std::optional<Tensor> &weight, const std::optional<Tensor> &bias, int64_t axis) {
+    int64_t feature;
+    Sizes s;
+    if (!dense_block(x, axis, feature, s)) return std::nullopt;
+    auto acc = accumulation(x);
+    if (!plain_vector(mean, acc, s.features) || !plain_vector(invstd, acc, s.features) ||
+        !plain_vector(weight, acc, s.features) || !plain_vector(bias, acc, s.features))
+        return std::nullopt;
+    follow_torch_threads();
+    Tensor y = at::empty_like(x);
+    int status = bn_normalize(dtype_code(x), x.const_data_ptr(), y.mutable_data_ptr(), s.batches, s.features,
+                              s.positions, mean.const_data_ptr(), invstd.const_data_ptr(),
+                              data_or_null(value_or_undefined(weight)), data_or_null(value_or_undefined(bias)));
+    check_status(status, "normalize");
+    return y;
+}
+
+// dy of x's dtype, a plain CPU tensor of x's shape (copied into x's layout when its strides differ).
+bool plain_gradient(const Tensor &dy, const Tensor &x) {
+    return dy.defined() && dy.device().is_cpu() && dy.scalar_type() == x.scalar_type() && dy.sizes() == x.sizes() &&
+           plain_tensor(dy);
+}
+
+// (sum(dy), sum(dy * x_hat)) as a (2, C) tensor of the accumulation dtype.
+std::optional<Tensor> grad_sums(const Tensor &dy, const Tensor &x, const Tensor &mean, const Tensor &invstd,
+                                int64_t axis) {
+    int64_t feature;
+    Sizes s;
+    if (!dense_block(x, axis, feature, s) || !plain_gradient(dy, x)) return std::nullopt;
+    auto acc = accumulation(x);
+    if (!plain_vector(mean, acc, s.features) || !plain_vector(invstd, acc, s.features)) return std::nullopt;
+    follow_torch_threads();
+    Tensor grad = like_input(dy, x);
+    Tensor out = at::empty({2, s.features}, x.options().dtype(acc));
+    char *base = static_cast<char *>(out.mutable_data_ptr());
+    int64_t step = s.features * static_cast<int64_t>(out.element_size());
+    // bn_backward without dx: grad_weight = sum(dy * x_hat), grad_bias = sum(dy).
+    int status = bn_backward(dtype_code(x), grad.const_data_ptr(), x.const_data_ptr(), nullptr, s.batches,
+                             s.features, s.positions, mean.const_data_ptr(), invstd.const_data_ptr(), nullptr,
+                             base + step, base);
+    check_status(status, "grad_sums");
+    return out;
+}
+
+std::optional<Tensor> grad_input(const Tensor &dy, const Tensor &x, const Tensor &mean, const Tensor &invstd,
+                                 const std::optional<Tensor> &weight, const Tensor &sum_dy, const Tensor &sum_dy_xhat,
+                                 double count, int64_t axis) {
+    int64_t feature;
+    Sizes s;
+    if (!dense_block(x, axis, feature, s) || !plain_gradient(dy, x) || !(count > 0)) return std::nullopt;
+    auto acc = accumulation(x);
+    if (!plain_vector(mean, acc, s.features) || !plain_vector(invstd, acc, s.features) ||
+        !plain_vector(weight, acc, s.features) || !plain_vector(sum_dy, acc, s.features) ||
+        !plain_vector(sum_dy_xhat, acc, s.features))
+        return std::nullopt;
+    follow_torch_threads();
+    Tensor grad = like_input(dy, x);
+    Tensor dx = at::empty_like(x);
+    int status = bn_grad_input(dtype_code(x), grad.const_data_ptr(), x.const_data_ptr(), dx.mutable_data_ptr(),
+                               s.batches, s.features, s.positions, mean.const_data_ptr(), invstd.const_data_ptr(),
+                               data_or_null(value_or_undefined(weight)), sum_dy.const_data_ptr(),
+                               sum_dy_xhat.const_data_ptr(), count);
+    check_status(status, "grad_input");
+    return dx;
+}
+
 bool supports(int64_t dtype) { return dtype >= 0 && dtype <= 3 && bn_supports(static_cast<int>(dtype)); }
 
 } // namespace
@@ -375,6 +468,11 @@ TORCH_LIBRARY(batchnorm, m) {
           "-> (Tensor, Tensor, Tensor)");
     m.def("inference(Tensor x, Tensor running_mean, Tensor running_var, Tensor? weight, Tensor? bias, int axis, "
           "float eps) -> Tensor?");
+    m.def("stats(Tensor x, int axis) -> Tensor?");
+    m.def("normalize(Tensor x, Tensor mean, Tensor invstd, Tensor? weight, Tensor? bias, int axis) -> Tensor?");
+    m.def("grad_sums(Tensor dy, Tensor x, Tensor mean, Tensor invstd, int axis) -> Tensor?");
+    m.def("grad_input(Tensor dy, Tensor x, Tensor mean, Tensor invstd, Tensor? weight, Tensor sum_dy, "
+          "Tensor sum_dy_xhat, float count, int axis) -> Tensor?");
 }
 
 TORCH_LIBRARY_IMPL(batchnorm, CompositeImplicitAutograd, m) {
@@ -383,4 +481,8 @@ TORCH_LIBRARY_IMPL(batchnorm, CompositeImplicitAutograd, m) {
     m.impl("backward", backward);
     m.impl("inference", inference);
     m.impl("supports", supports);
+    m.impl("stats", stats);
+    m.impl("normalize", normalize);
+    m.impl("grad_sums", grad_sums);
+    m.impl("grad_input", grad_input);
 }

@@ -471,3 +471,37 @@ static int FN(inference)(const T *x, T *y, int64_t B, int64_t C, int64_t S, cons
     free(acc);
     return 0;
 }
+
+/* The normalize primitive: y = (x - mean) * (invstd * weight) + bias. */
+static int FN(normalize)(const T *x, T *y, int64_t B, int64_t C, int64_t S, const A *mean, const A *invstd,
+                         const A *weight, const A *bias) {
+    A *acc = (A *)malloc(sizeof(A) * 2 * (size_t)C);
+    if (acc == NULL) return -2;
+    A *scale = acc, *offset = acc + C;
+    for (int64_t c = 0; c < C; c++) {
+        scale[c] = (A)(weight == NULL ? (double)invstd[c] : (double)invstd[c] * (double)weight[c]);
+        offset[c] = bias == NULL ? (A)0 : bias[c];
+    }
+    FN(affine)(x, y, B, C, S, mean, scale, offset);
+    free(acc);
+    return 0;
+}
+
+/* The grad_input primitive: dx = gain * (dy - sum_dy / count - x_hat * sum_dy_xhat / count), gain = invstd * weight,
+   as dx = dy * gain + offset - (x - mean) * slope with per-feature offset and slope formed in double. */
+static int FN(grad_input_sums)(const T *dy, const T *x, T *dx, int64_t B, int64_t C, int64_t S, const A *mean,
+                               const A *invstd, const A *weight, const A *sum_dy, const A *sum_dy_xhat, double count) {
+    A *acc = (A *)malloc(sizeof(A) * 3 * (size_t)C);
+    if (acc == NULL) return -2;
+    A *gain = acc, *offset = acc + C, *slope = acc + 2 * C;
+    for (int64_t c = 0; c < C; c++) {
+        double inv = (double)invstd[c];
+        double g = weight == NULL ? inv : inv * (double)weight[c];
+        gain[c] = (A)g;
+        offset[c] = (A)(-g * (double)sum_dy[c] / count);
+        slope[c] = (A)(g * inv * ((double)sum_dy_xhat[c] / count));
+    }
+    FN(input_grad)(dy, x, dx, B, C, S, mean, gain, offset, slope);
+    free(acc);
+    return 0;
+}
