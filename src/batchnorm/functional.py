@@ -116,6 +116,26 @@ def check_arguments(
         BatchNormArgumentError: (a ``ValueError`` and a ``RuntimeError``) with a
             message naming what was expected and what was received.
     """
+    # The common valid call, in one expression; anything else takes the checks below, which word the errors.
+    if isinstance(input, Tensor) and type(axis) is int and type(eps) is float and eps > 0:
+        ndim = input.dim()
+        if -ndim <= axis < ndim and input.is_floating_point():
+            feature = axis % ndim
+            shape = (input.shape[feature],)
+            if (
+                (momentum is None or (type(momentum) is float and 0.0 <= momentum <= 1.0))
+                and (running_mean is None) == (running_var is None)
+                and (running_mean is None or (isinstance(running_mean, Tensor) and running_mean.shape == shape))
+                and (running_var is None or (isinstance(running_var, Tensor) and running_var.shape == shape))
+                and (weight is None or (isinstance(weight, Tensor) and weight.shape == shape))
+                and (bias is None or (isinstance(bias, Tensor) and bias.shape == shape))
+                and (running_mean is None or running_mean.is_floating_point())
+                and (running_var is None or running_var.is_floating_point())
+                and (weight is None or weight.is_floating_point())
+                and (bias is None or bias.is_floating_point())
+                and (input.numel() != shape[0] if training else running_mean is not None)
+            ):
+                return feature
     if not isinstance(input, Tensor):
         raise BatchNormArgumentError(f"expected input to be a torch.Tensor, got {type(input).__name__}")
     if not input.is_floating_point():
@@ -295,7 +315,7 @@ def _composite_training(
     """``(y, mean, var, count)`` from the ``torch_ops`` primitives, differentiated by PyTorch itself."""
     compute = torch.float64 if backend == "exact" else kernels.accumulation_dtype(input.dtype)
     count, mean, m2 = kernels.torch_ops.stats(input, feature, compute)
-    var = m2 / count if count else m2 * math.nan
+    var = m2 / max(count, 1)
     invstd = torch.rsqrt(var + eps)
     y = kernels.torch_ops.normalize(input, mean, invstd, weight, bias, feature, compute)
     return y, mean.detach(), var.detach(), count

@@ -56,6 +56,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+import torch.autograd.forward_ad as forward_ad
 from torch import Tensor
 
 from batchnorm.kernels import native, torch_ops
@@ -194,13 +195,20 @@ class Plan:
         return text
 
 
+_peek_transforms = torch._C._functorch.peek_interpreter_stack
+_is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+
+
 def _transformed(t: Tensor | None) -> bool:
     """A ``torch.func`` wrapper (vmap, grad, jvp) or a tensor carrying a forward-mode tangent."""
     if t is None:
         return False
-    if torch._C._functorch.is_functorch_wrapped_tensor(t):
+    # Neither exists outside a transform or a forward-AD dual level: two cheap global checks first.
+    if _peek_transforms() is not None and _is_wrapped(t):
         return True
-    return torch.autograd.forward_ad.unpack_dual(t).tangent is not None  # type: ignore[no-untyped-call]
+    if forward_ad._current_level < 0:
+        return False
+    return forward_ad.unpack_dual(t).tangent is not None  # type: ignore[no-untyped-call]
 
 
 def _tracing() -> bool:
@@ -257,8 +265,8 @@ def plan(
        ``function`` (training) / ``composite`` (eval) on PyTorch operations.
     """
     if _tracing():
-        chosen = _COMPOSITE["traced"]
-    elif _transformed(input) or _transformed(weight) or _transformed(bias):
+        return _COMPOSITE["traced"]  # no logging: a tracer cannot follow it
+    if _transformed(input) or _transformed(weight) or _transformed(bias):
         chosen = _COMPOSITE["transformed"]
     elif input.numel() == 0:
         chosen = _COMPOSITE["empty"]

@@ -44,6 +44,9 @@ def stats(x: Tensor, feature: int, compute: torch.dtype) -> tuple[int, Tensor, T
         - x: ``(*, C, *)`` with ``C`` at ``feature``; mean, m2: ``(C,)`` in ``compute``.
     """
     count = x.numel() // x.shape[feature] if x.shape[feature] else 0
+    if count == 0:  # no values: zeros (as PyTorch's layers, whose gradients of an empty batch are zero)
+        zeros = x.new_zeros(x.shape[feature], dtype=compute)
+        return 0, zeros, zeros.clone()
     var, mean = torch.var_mean(x.to(compute), dim=_reduced(x, feature), correction=0)
     return count, mean, var * count
 

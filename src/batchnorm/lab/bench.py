@@ -28,12 +28,10 @@ BN CNN, built from ``torch.nn`` layers, with torch's BN layers and with ours
 
 from __future__ import annotations
 
-import argparse
 import copy
 import itertools
 import json
 import math
-import os
 import statistics
 import sys
 import time
@@ -49,9 +47,8 @@ from torch import Tensor, nn
 
 from batchnorm import functional, kernels
 from batchnorm.kernels import native
-from batchnorm.cli import positive_int
 
-__all__ = ["SUITE", "Case", "configure_parser", "main", "run"]
+__all__ = ["DTYPES", "LAYOUTS", "OPERATIONS", "SUITE", "BenchOptions", "Case", "parse_case", "run"]
 
 LAYOUTS = ("dense", "nchw", "channels-last", "sequence")
 OPERATIONS = ("train-fwd", "train-fwd+bwd", "eval-fwd")
@@ -92,105 +89,44 @@ def parse_case(text: str) -> Case:
     try:
         shape = tuple(int(d) for d in dims.lower().split("x"))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a shape like 32x64x56x56, got {dims!r}") from None
+        raise ValueError(f"expected a shape like 32x64x56x56, got {dims!r}") from None
     if not shape or min(shape) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive sizes, got {dims!r}")
+        raise ValueError(f"expected positive sizes, got {dims!r}")
     if not layout:
         matches = [case for case in SUITE if case.shape == shape]
         if not matches:
-            raise argparse.ArgumentTypeError(
-                f"{dims!r} is not a suite shape: write LAYOUT:{dims} (LAYOUT in {LAYOUTS})"
-            )
+            raise ValueError(f"{dims!r} is not a suite shape: write LAYOUT:{dims} (LAYOUT in {LAYOUTS})")
         return matches[0]
     if layout not in LAYOUTS:
-        raise argparse.ArgumentTypeError(f"expected a layout in {LAYOUTS}, got {layout!r}")
+        raise ValueError(f"expected a layout in {LAYOUTS}, got {layout!r}")
     if layout in ("nchw", "channels-last") and len(shape) != 4:
-        raise argparse.ArgumentTypeError(f"{layout} needs 4 sizes (N, C, H, W), got {dims!r}")
+        raise ValueError(f"{layout} needs 4 sizes (N, C, H, W), got {dims!r}")
     if layout == "dense" and len(shape) != 2:
-        raise argparse.ArgumentTypeError(f"dense needs 2 sizes (N, D), got {dims!r}")
+        raise ValueError(f"dense needs 2 sizes (N, D), got {dims!r}")
     if layout == "sequence" and len(shape) != 3:
-        raise argparse.ArgumentTypeError(f"sequence needs 3 sizes (N, L, C), got {dims!r}")
+        raise ValueError(f"sequence needs 3 sizes (N, L, C), got {dims!r}")
     return Case(layout, shape)
 
 
-def _csv(convert: Callable[[str], Any]) -> Callable[[str], list[Any]]:
-    def parse(text: str) -> list[Any]:
-        return [convert(part.strip()) for part in text.split(",") if part.strip()]
-
-    return parse
-
-
-def _dtype(text: str) -> str:
+def parse_dtype(text: str) -> str:
+    """A dtype name of :data:`DTYPES` (``ValueError`` otherwise)."""
     if text not in DTYPES:
-        raise argparse.ArgumentTypeError(f"expected dtypes among {', '.join(DTYPES)}, got {text!r}")
+        raise ValueError(f"expected dtypes among {', '.join(DTYPES)}, got {text!r}")
     return text
 
 
-def _kernel(text: str) -> str:
+def parse_kernel(text: str) -> str:
+    """One of our kernel settings (``ValueError`` otherwise)."""
     if text not in kernels.KERNELS:
-        raise argparse.ArgumentTypeError(f"expected kernels among {', '.join(kernels.KERNELS)}, got {text!r}")
+        raise ValueError(f"expected kernels among {', '.join(kernels.KERNELS)}, got {text!r}")
     return text
 
 
-def configure_parser(parser: argparse.ArgumentParser) -> None:
-    """Add the ``bench`` options to ``parser`` (the CLI adds ``--threads``)."""
-    parser.add_argument(
-        "--quick", action="store_true", help="float32 only, fewer and shorter repeats: about a minute once compiled"
-    )
-    parser.add_argument(
-        "--shapes",
-        type=_csv(parse_case),
-        default=None,
-        help="comma-separated cases LAYOUT:AxBx... (layouts: dense, nchw, channels-last, sequence) or suite "
-        "shapes; default: the whole suite",
-    )
-    parser.add_argument(
-        "--dtype",
-        type=_csv(_dtype),
-        default=None,
-        help="comma-separated dtypes (float32, bfloat16, float16, float64); default float32,bfloat16 "
-        "(float32 with --quick)",
-    )
-    parser.add_argument(
-        "--kernel",
-        type=_csv(_kernel),
-        default=["auto"],
-        help="our kernel settings to time, comma-separated among auto, native, eager, compiled, torch (default auto)",
-    )
-    parser.add_argument(
-        "--operations",
-        type=_csv(lambda text: text if text in OPERATIONS else _bad_operation(text)),
-        default=list(OPERATIONS),
-        help=f"comma-separated among {', '.join(OPERATIONS)} (default all)",
-    )
-    parser.add_argument(
-        "--repeats", type=positive_int, default=None, help="interleaved repeats per timing (default 9, 5 with --quick)"
-    )
-    parser.add_argument(
-        "--block-ms",
-        type=float,
-        default=None,
-        help="target duration of one timed block in ms (default 20, 8 with --quick)",
-    )
-    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
-    parser.add_argument(
-        "--explain", action="store_true", help="print which kernel path is chosen for every case, then time"
-    )
-    parser.add_argument("--explain-only", action="store_true", help="print the kernel choices and stop")
-    parser.add_argument(
-        "--end-to-end", action="store_true", help="also time training steps of the paper MLP and a small CNN"
-    )
-    parser.add_argument(
-        "--steps", type=positive_int, default=None, help="end-to-end steps per timed block (default 20)"
-    )
-    parser.add_argument(
-        "--out", type=Path, default=Path("runs/bench"), help="folder for bench.json (default runs/bench)"
-    )
-    parser.add_argument("--json", type=Path, default=None, help="write the results here instead of OUT/bench.json")
-
-
-def _bad_operation(text: str) -> str:
-    raise argparse.ArgumentTypeError(f"expected operations among {', '.join(OPERATIONS)}, got {text!r}")
+def parse_operation(text: str) -> str:
+    """One of :data:`OPERATIONS` (``ValueError`` otherwise)."""
+    if text not in OPERATIONS:
+        raise ValueError(f"expected operations among {', '.join(OPERATIONS)}, got {text!r}")
+    return text
 
 
 # --- timing -----------------------------------------------------------------------------
@@ -357,13 +293,12 @@ def explain_case(case: Case, dtype: torch.dtype, device: torch.device, kernel: s
     x = torch.empty(case.shape, dtype=dtype, device=device)
     if case.layout == "channels-last":
         x = x.contiguous(memory_format=torch.channels_last)
-    view = kernels.canonical_view(x, case.axis % x.dim()).tensor
     context = kernels.use_kernel(kernel) if kernel != "auto" else nullcontext()
     with context:
         return {
-            "train": kernels.plan(view, "train").describe(),
-            "eval": kernels.plan(view, "eval").describe(),
-            "view": "x".join(map(str, view.shape)),
+            "train": kernels.plan(x, True).describe(),
+            "eval": kernels.plan(x, False).describe(),
+            "strides": "x".join(map(str, x.stride())),
         }
 
 
@@ -585,21 +520,45 @@ def keep_freed_memory() -> str:
     return "allocator: glibc, freed memory kept (mallopt)" if ok else "allocator: system default (mallopt refused)"
 
 
-def run(args: argparse.Namespace) -> int:
-    """Run the benchmark described by ``args`` (see :func:`configure_parser`); return the exit code."""
-    threads = getattr(args, "threads", None)
-    if threads is None:  # the CLI's default: $BATCHNORM_THREADS, else 1
-        value = os.environ.get("BATCHNORM_THREADS", "1")
-        threads = int(value) if value.isdigit() and int(value) > 0 else 1
-    torch.set_num_threads(threads)
-    device = torch.device(args.device)
+@dataclass
+class BenchOptions:
+    """What :func:`run` times; each field is the ``batchnorm bench`` option of the same name.
+
+    ``None`` means the default, which ``quick`` makes smaller: ``shapes`` the
+    whole :data:`SUITE`, ``dtype`` float32 and bfloat16 (float32 only),
+    ``repeats`` 9 (5), ``block_ms`` 20 (8), ``steps`` 20 (10). The report
+    goes to ``json_path`` (``--json``), by default ``out / "bench.json"``.
+    """
+
+    quick: bool = False
+    shapes: list[Case] | None = None
+    dtype: list[str] | None = None
+    kernel: list[str] = field(default_factory=lambda: ["auto"])
+    operations: list[str] = field(default_factory=lambda: list(OPERATIONS))
+    repeats: int | None = None
+    block_ms: float | None = None
+    device: str = "cpu"
+    explain: bool = False
+    explain_only: bool = False
+    end_to_end: bool = False
+    steps: int | None = None
+    out: Path = Path("runs/bench")
+    json_path: Path | None = None
+
+
+def run(options: BenchOptions) -> Path | None:
+    """Time what ``options`` asks for, print the tables, write the JSON report; return its path.
+
+    Runs on torch's current thread count. Returns None when
+    ``options.explain_only`` stops after the kernel choices.
+    """
+    device = torch.device(options.device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        sys.stderr.write("batchnorm bench: error: --device cuda, but torch.cuda.is_available() is False\n")
-        return 2
-    cases = args.shapes or list(SUITE)
-    dtypes = args.dtype or (["float32"] if args.quick else ["float32", "bfloat16"])
-    repeats = args.repeats or (5 if args.quick else 9)
-    block_seconds = (args.block_ms or (8.0 if args.quick else 20.0)) / 1e3
+        raise ValueError("--device cuda, but torch.cuda.is_available() is False")
+    cases = options.shapes or list(SUITE)
+    dtypes = options.dtype or (["float32"] if options.quick else ["float32", "bfloat16"])
+    repeats = options.repeats or (5 if options.quick else 9)
+    block_seconds = (options.block_ms or (8.0 if options.quick else 20.0)) / 1e3
     sync = _synchronizer(device)
 
     allocator = keep_freed_memory() if device.type == "cpu" else "allocator: PyTorch's CUDA caching allocator"
@@ -610,25 +569,25 @@ def run(args: argparse.Namespace) -> int:
     )
     print(f"batchnorm bench: torch {torch.__version__}, device {device}, {torch.get_num_threads()} thread(s)")
     print(f"{allocator}; {native_kernels}")
-    if args.explain or args.explain_only:
+    if options.explain or options.explain_only:
         rows = []
         for case in cases:
             for dtype_name in dtypes:
-                for kernel in args.kernel:
+                for kernel in options.kernel:
                     explained = explain_case(case, DTYPES[dtype_name], device, kernel)
                     rows.append(
-                        (case.name, dtype_name, explained["view"], kernel, explained["train"], explained["eval"])
+                        (case.name, dtype_name, explained["strides"], kernel, explained["train"], explained["eval"])
                     )
-        print(_render(("case", "dtype", "view", "setting", "train", "eval"), rows))
-        if args.explain_only:
-            return 0
+        print(_render(("case", "dtype", "strides", "setting", "train", "eval"), rows))
+        if options.explain_only:
+            return None
 
     bandwidth = measure_bandwidth(device, sync)
     print(f"memory bandwidth: copy {bandwidth['copy']:.1f} GB/s (read+write), sum {bandwidth['sum']:.1f} GB/s (read)")
 
-    progress = _progress(len(cases) * len(dtypes) * len(args.kernel) * len(args.operations))
+    progress = _progress(len(cases) * len(dtypes) * len(options.kernel) * len(options.operations))
     results = run_suite(
-        cases, dtypes, args.kernel, args.operations, device, repeats, block_seconds, bandwidth["copy"], progress
+        cases, dtypes, options.kernel, options.operations, device, repeats, block_seconds, bandwidth["copy"], progress
     )
     progress("")
     print(format_table(results))
@@ -652,8 +611,8 @@ def run(args: argparse.Namespace) -> int:
         )
     )
     end_to_end_results: list[EndToEnd] = []
-    if args.end_to_end:
-        steps = args.steps or (10 if args.quick else 20)
+    if options.end_to_end:
+        steps = options.steps or (10 if options.quick else 20)
         end_to_end_results = end_to_end(device, repeats, steps, _progress(2))
         print()
         print(
@@ -690,13 +649,13 @@ def run(args: argparse.Namespace) -> int:
             for dtype_name in dtypes
         },
     }
-    path = args.json or args.out / "bench.json"
+    path = options.json_path or options.out / "bench.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_suffix(path.suffix + ".tmp")
     temporary.write_text(json.dumps(report, indent=2) + "\n")
     temporary.replace(path)
     print(f"\nwrote {path}")
-    return 0
+    return path
 
 
 def _progress(total: int) -> Callable[[str], None]:
@@ -718,13 +677,3 @@ def _progress(total: int) -> Callable[[str], None]:
         sys.stderr.flush()
 
     return report
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Standalone entry point (``python benchmarks/bench_kernels.py``): the ``bench`` options plus ``--threads``."""
-    parser = argparse.ArgumentParser(prog="bench_kernels", description=__doc__.split("\n\n")[0] if __doc__ else None)
-    parser.add_argument("--threads", type=positive_int, default=None, help="CPU threads for torch (default 1)")
-    configure_parser(parser)
-    args = parser.parse_args(argv)
-    torch.set_flush_denormal(True)
-    return run(args)

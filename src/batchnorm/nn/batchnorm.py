@@ -158,8 +158,14 @@ class BatchNorm(nn.modules.batchnorm._BatchNorm):
     def forward(self, input: Tensor) -> Tensor:
         """Batch statistics in training (and when no running statistics are kept), running ones in eval."""
         self._check_input_dim(input)
-        running_mean, running_var = self.running_mean, self.running_var
-        counter = self.num_batches_tracked
+        try:  # the dictionaries directly: nn.Module.__getattr__ is a Python call per attribute
+            parameters, buffers = self._parameters, self._buffers
+            weight, bias = parameters["weight"], parameters["bias"]
+            running_mean, running_var = buffers["running_mean"], buffers["running_var"]
+            counter = buffers["num_batches_tracked"]
+        except KeyError:  # parametrized (torch.nn.utils.parametrize) or otherwise customised
+            weight, bias = self.weight, self.bias
+            running_mean, running_var, counter = self.running_mean, self.running_var, self.num_batches_tracked
         if self.training and not self.track_running_stats:
             running_mean = running_var = counter = None  # batch statistics, buffers left alone
         use_batch_stats = self.training or running_mean is None
@@ -167,8 +173,8 @@ class BatchNorm(nn.modules.batchnorm._BatchNorm):
             input,
             running_mean if not use_batch_stats or self.training else None,
             running_var if not use_batch_stats or self.training else None,
-            self.weight,
-            self.bias,
+            weight,
+            bias,
             use_batch_stats,
             self.momentum,
             self.eps,
