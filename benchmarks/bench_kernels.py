@@ -1,7 +1,8 @@
 """Kernel and end-to-end benchmark: our batch norm against PyTorch's, same process, interleaved.
 
-The logic lives in :mod:`batchnorm.lab.bench` so that ``batchnorm bench`` runs the
-same code; this script is the same command without the CLI:
+The logic lives in :mod:`batchnorm.lab.bench` and the options in
+:mod:`batchnorm.cli.bench`, so that ``batchnorm bench`` runs the same code;
+this script is the same command without the verb:
 
     python benchmarks/bench_kernels.py --quick --explain
     python benchmarks/bench_kernels.py --end-to-end --json runs/bench/bench.json
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 import sys
 
-from batchnorm.lab.bench import main
+from batchnorm.cli.bench import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -13,11 +13,11 @@ Import as ``import batchnorm as bn``:
 """
 
 from batchnorm import functional, kernels, reference
-from batchnorm.kernels import native
 from batchnorm.functional import NonfiniteBatchError
-from batchnorm.nn.fused import BatchNormAct
+from batchnorm.kernels import native
 from batchnorm.lab.explain import explain
 from batchnorm.nn.batchnorm import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d, convert, is_batch_norm
+from batchnorm.nn.fused import BatchNormAct
 
 __version__ = "0.1.0"
 

@@ -50,7 +50,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Literal
@@ -213,7 +213,7 @@ def _transformed(t: Tensor | None) -> bool:
 
 def _tracing() -> bool:
     """Inside ``torch.compile``/``torch.export`` tracing or ``torch.jit.trace``."""
-    return torch.compiler.is_compiling() or torch.jit.is_tracing()
+    return torch.compiler.is_compiling() or torch._C._get_tracing_state() is not None
 
 
 _FUNCTION = {name: Plan("function", name, "forced by the kernel setting") for name in BACKENDS}  # type: ignore[arg-type]
@@ -397,33 +397,60 @@ def normalize(
     bias: Tensor | None = None,
     axis: int = 1,
     *,
+    activation: str | None = None,
     backend: str | None = None,
 ) -> Tensor:
-    r"""``y = (x - mean) * (invstd * weight) + bias``, elementwise, in ``x``'s dtype, shape and memory layout.
+    r"""``y = act((x - mean) * (invstd * weight) + bias)``, elementwise, in ``x``'s dtype, shape and memory layout.
+
+    ``activation``: ``None`` (the identity), ``"relu"``, ``"sigmoid"`` or
+    ``"tanh"``, applied in place on the freshly written output when autograd
+    does not track it (no second allocation). The native backend reads ``x``
+    in place in any dense layout.
 
     Shape:
         - x, y: ``(*, C, *)`` with ``C`` at ``axis``; mean, invstd, weight, bias: ``(C,)``.
     """
+    if activation not in _ACTIVATIONS:
+        raise ValueError(f"expected activation to be one of {tuple(_ACTIVATIONS)}, got {activation!r}")
     feature = _feature(x, axis)
     chosen = _backend(x, backend)
+    y = None
     if chosen == "native" and x.numel() > 0:
         y = native.normalize(
             x.detach(),
-            _vector(mean, x),
-            _vector(invstd, x),
+            _vector(mean, x),  # type: ignore[arg-type]
+            _vector(invstd, x),  # type: ignore[arg-type]
             _vector(weight, x),
             _vector(bias, x),
-            feature,  # type: ignore[arg-type]
+            feature,
         )
-        if y is not None:
-            return y
-    return torch_ops.normalize(x, mean, invstd, weight, bias, feature, _compute(x, chosen))
+    if y is None:
+        y = torch_ops.normalize(x, mean, invstd, weight, bias, feature, _compute(x, chosen))
+    apply = _ACTIVATIONS[activation]
+    return y if apply is None else apply(y)
+
+
+def _in_place_or_not(
+    inplace: Callable[[Tensor], Tensor], plain: Callable[[Tensor], Tensor]
+) -> Callable[[Tensor], Tensor]:
+    """In place on a tensor autograd does not track (saves an allocation), out of place otherwise."""
+    return lambda y: plain(y) if y.requires_grad and torch.is_grad_enabled() else inplace(y)
+
+
+_ACTIVATIONS: dict[str | None, Callable[[Tensor], Tensor] | None] = {
+    None: None,
+    "relu": _in_place_or_not(torch.relu_, torch.relu),
+    "sigmoid": _in_place_or_not(torch.sigmoid_, torch.sigmoid),
+    "tanh": _in_place_or_not(torch.tanh_, torch.tanh),
+}
 
 
 def grad_sums(
     dy: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, axis: int = 1, *, backend: str | None = None
 ) -> tuple[Tensor, Tensor]:
-    r"""``(sum_dy, sum_dy_xhat)`` per feature: :math:`\sum dy` and :math:`\sum dy\,\hat x`, ``x_hat = (x - mean) * invstd``.
+    r"""``(sum_dy, sum_dy_xhat)`` per feature: :math:`\sum dy` and :math:`\sum dy\,\hat x`.
+
+    ``x_hat = (x - mean) * invstd``.
 
     They are ``dbias`` and ``dweight``, and add up across groups and processes.
 

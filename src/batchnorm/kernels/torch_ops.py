@@ -3,10 +3,11 @@ r"""The four primitives as PyTorch operations: any device, differentiable, trace
 Every function here is a composition of ATen operations, so autograd,
 ``torch.func`` (``vmap``, ``grad``, ``jvp``), forward-mode AD,
 ``torch.compile``, ``torch.export`` and ``torch.jit.trace`` see through it.
-They take the input in its own shape and layout with its feature axis, and compute in ``compute`` precision: the accumulation dtype (float32 for
+They take the input in its own shape and layout with its feature axis,
+and compute in ``compute`` precision: the accumulation dtype (float32 for
 float32/bfloat16/float16 inputs, float64 for float64) for the ``torch``
-backend, float64 for the ``exact`` backend (the readable reference formulas,
-float64 throughout and rounded once at the end).
+backend, float64 for the ``exact`` backend (the readable reference
+formulas, float64 throughout and rounded once at the end).
 
 Numerics:
 

@@ -24,12 +24,8 @@ tails spread out scores high.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
-import math
-import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +34,8 @@ import torch
 from torch import Tensor, nn
 
 from batchnorm.lab.data import Dataset, InputNormalizer, load_dataset
-from batchnorm.lab.explain import explain, format_table
+from batchnorm.lab.explain import explain
+from batchnorm.lab.report import write_report
 from batchnorm.lab.training import DivergenceError, TrainConfig, TrainResult, train
 
 __all__ = ["COMPARE_DEFAULTS", "LayerRecorder", "compare", "percentile_steadiness"]
@@ -297,8 +294,6 @@ def compare(config: TrainConfig, out_dir: str | Path, *, progress: bool = True, 
     temporary.write_text(json.dumps(results, allow_nan=True))
     temporary.replace(path)
     if figures:
-        from batchnorm.lab.report import write_report
-
         write_report(out, results)
     return results
 
@@ -316,78 +311,3 @@ def _summarize(runs: dict[str, Any], config: TrainConfig) -> dict[str, Any]:
             "seconds": run.get("seconds"),
         }
     return summary
-
-
-def format_summary(results: dict[str, Any]) -> str:
-    """The final comparison table printed by ``compare``."""
-    summary = results["summary"]
-    labels = [label for label in ("no_bn", "bn") if label in summary]
-    names = {"bn": "with BN", "no_bn": "without BN"}
-    rows = [["", *[names[label] for label in labels]]]
-
-    def cell(value: Any, kind: str = "acc") -> str:
-        if value is None or (isinstance(value, float) and math.isnan(value)):
-            return "-"
-        return f"{value:.3f}" if kind == "acc" else f"{value:.2f}" if kind == "float" else str(value)
-
-    for step in summary["checkpoints"]:
-        rows.append([f"test accuracy at {step} steps", *[cell(summary[lb]["accuracy_at"][str(step)]) for lb in labels]])
-    rows.append(["final test accuracy", *[cell(summary[lb]["final_accuracy"]) for lb in labels]])
-    rows.append(["steps to 90% test accuracy", *[cell(summary[lb]["steps_to_90pct"], "int") for lb in labels]])
-    rows.append(
-        [
-            "percentile drift (lower = steadier)",
-            *[cell(summary[lb]["percentile_steadiness"], "float") for lb in labels],
-        ]
-    )
-    rows.append(["diverged", *["yes" if summary[lb]["diverged"] else "no" for lb in labels]])
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows)
-
-
-# --------------------------------------------------------------------------- command line
-
-
-def configure_parser(parser: argparse.ArgumentParser) -> None:
-    from batchnorm.lab.training import add_data_arguments, add_model_arguments, add_optimizer_arguments
-
-    defaults = COMPARE_DEFAULTS
-    parser.description = (
-        "The main job: Ioffe & Szegedy's MNIST experiment. The same 784-100-100-100-10 sigmoid network is trained "
-        "with BN before each nonlinearity and without BN, from the same small Gaussian init, seed and batches of "
-        "60. Prints the per-layer BN explanation and a comparison table; writes results.json, PNG figures and "
-        "report.html into --out. --steps 50000 runs the paper's length. Runs on one CPU thread unless --threads "
-        "says otherwise. Any --norm given is ignored: both are run."
-    )
-    add_model_arguments(parser, defaults)
-    add_data_arguments(parser, defaults)
-    add_optimizer_arguments(parser, defaults)
-    parser.set_defaults(init=defaults.init, input_norm=defaults.input_norm, lr=defaults.lr, momentum=defaults.momentum)
-    parser.add_argument("--out", default="runs/compare", help="output folder (default %(default)s)")
-    parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
-
-
-def run(args: argparse.Namespace) -> int:
-    from batchnorm.lab.training import config_from_args
-
-    config = config_from_args(args, COMPARE_DEFAULTS)
-    config.checkpoint_every = config.steps
-    if args.download:
-        load_dataset(config.data, config.data_dir, download=True)
-    started = time.perf_counter()
-    results = compare(config, args.out, progress=not args.no_progress)
-    if results["explain"]:
-        print("What each BN layer computes (trained BN network, one training batch):")
-        print(format_table(results["explain"]))
-        print()
-    print(
-        f"{config.model}, {config.act}, init {config.init}, batch {config.batch_size}, lr {config.lr}, "
-        f"momentum {config.momentum}, {config.steps} steps; data: {results['dataset']}"
-    )
-    print(format_summary(results))
-    out = Path(args.out)
-    print(f"\nwrote {out / 'results.json'} and {out / 'report.html'} in {time.perf_counter() - started:.0f} s")
-    for label in ("bn", "no_bn"):
-        if results["runs"][label].get("diverged"):
-            sys.stderr.write(f"batchnorm: the {label} run diverged: {results['runs'][label]['diverged']}\n")
-    return 0

@@ -17,12 +17,10 @@ values, and gamma and beta applied, next to what input standardization does
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
-import sys
 from collections.abc import Sequence
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -31,7 +29,10 @@ from torch import Tensor, nn
 from batchnorm._shapes import canonical_axis, reduced_axes
 from batchnorm.nn.batchnorm import BatchNorm, is_batch_norm
 
-__all__ = ["explain", "explain_unit", "format_table"]
+if TYPE_CHECKING:
+    from batchnorm.lab.training import TrainConfig
+
+__all__ = ["explain", "explain_unit", "format_table", "format_unit", "prepare"]
 
 
 def _feature_axis(module: nn.Module, ndim: int) -> int:
@@ -334,88 +335,50 @@ def format_unit(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-# --------------------------------------------------------------------------- command line
+def prepare(
+    config: TrainConfig,
+    *,
+    checkpoint: str | Path | None = None,
+    requested_model: dict[str, str] | None = None,
+    batch_size: int = 60,
+    download: bool = False,
+) -> tuple[nn.Module, Tensor, Tensor, tuple[Tensor, Tensor]]:
+    """Model, normalized batch, raw batch and the raw training set's per-pixel (mean, std).
 
-
-def configure_parser(parser: argparse.ArgumentParser) -> None:
-    from batchnorm.cli import positive_int
-    from batchnorm.lab.training import TrainConfig, add_data_arguments, add_model_arguments
-
-    defaults = TrainConfig()
-    parser.description = (
-        "For every BN layer of a network, on a real batch of digits: the layer's input shape, the feature axis, "
-        "the axes reduced, how many values feed each mean and variance, the shapes of gamma and beta, and the "
-        "numbers. With --layer/--unit, one statistic computed step by step. The model's running statistics "
-        "and mode are left unchanged."
-    )
-    add_model_arguments(parser, defaults)
-    add_data_arguments(parser, defaults)
-    parser.add_argument("--checkpoint", default=None, metavar="CKPT", help="explain a trained model from `train`")
-    parser.add_argument("--batch-size", type=positive_int, default=60, help="examples in the batch (default 60)")
-    parser.add_argument("--seed", type=int, default=0, help="seed for the init and the batch")
-    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    parser.add_argument("--layer", default=None, help="a BN layer name (e.g. bn2) for the step-by-step view")
-    parser.add_argument("--unit", type=int, default=None, help="the feature index within --layer")
-    parser.add_argument("--eval", action="store_true", help="run in eval mode (normalize with running statistics)")
-
-
-def prepare(args: argparse.Namespace) -> tuple[nn.Module, Tensor, Tensor, tuple[Tensor, Tensor]]:
-    """Model, normalized batch, raw batch and the raw training set's per-pixel (mean, std)."""
+    The model is built from ``config`` (architecture, init, seed) and the
+    input normalization fit on ``config.data``'s training split; or, with
+    ``checkpoint``, both come from the checkpoint, whose architecture must
+    match ``requested_model``. The batch is ``batch_size`` training images
+    drawn with ``config.seed``.
+    """
+    # Imported here: ``import batchnorm`` loads this module, and needs no data or training code.
     from batchnorm.lab.data import InputNormalizer, load_dataset
     from batchnorm.lab.models import build_model
-    from batchnorm.lab.training import TrainConfig, check_same_model, model_from_checkpoint, requested_model
+    from batchnorm.lab.training import check_same_model, model_from_checkpoint
 
-    defaults = TrainConfig()
-    if args.checkpoint is not None:
-        model, config, normalizer, _ = model_from_checkpoint(args.checkpoint)
-        check_same_model(requested_model(args), config, args.checkpoint)
-        data_name, data_dir = config.data, config.data_dir
+    if checkpoint is not None:
+        model, stored, normalizer, _ = model_from_checkpoint(checkpoint)
+        check_same_model(requested_model or {}, stored, checkpoint)
+        data_name, data_dir = stored.data, stored.data_dir
     else:
-        config = None
-        data_name, data_dir = args.data, args.data_dir
-    dataset = load_dataset(data_name, data_dir, download=getattr(args, "download", False), seed=args.seed)
-    if config is None:
-        torch.manual_seed(args.seed)
+        data_name, data_dir = config.data, config.data_dir
+    dataset = load_dataset(data_name, data_dir, download=download, seed=config.seed)
+    if checkpoint is None:
+        torch.manual_seed(config.seed)
         model = build_model(
-            args.model or defaults.model,
-            args.act or defaults.act,
-            args.norm or defaults.norm,
-            args.placement or defaults.placement,
-            args.init,
+            config.model,
+            config.act,
+            config.norm,
+            config.placement,
+            config.init,
             image_size=dataset.image_size,
-            seed=args.seed,
+            seed=config.seed,
         )
-        normalizer = InputNormalizer.fit(args.input_norm, dataset.train_images)
-    if args.batch_size > len(dataset.train_images):
-        raise ValueError(f"--batch-size {args.batch_size} exceeds the {len(dataset.train_images)} training images")
-    generator = torch.Generator().manual_seed(args.seed)
-    indices = torch.randperm(len(dataset.train_images), generator=generator)[: args.batch_size]
+        normalizer = InputNormalizer.fit(config.input_norm, dataset.train_images)
+    if batch_size > len(dataset.train_images):
+        raise ValueError(f"--batch-size {batch_size} exceeds the {len(dataset.train_images)} training images")
+    generator = torch.Generator().manual_seed(config.seed)
+    indices = torch.randperm(len(dataset.train_images), generator=generator)[:batch_size]
     raw = dataset.train_images[indices]
     std, mean = torch.std_mean(dataset.train_images, dim=0)
     return model, normalizer(raw), raw, (mean, std)
-
-
-def run(args: argparse.Namespace) -> int:
-    model, batch, raw, pixel_stats = prepare(args)
-    if (args.layer is None) != (args.unit is None):
-        raise ValueError("--layer and --unit go together (e.g. --layer bn2 --unit 0)")
-    if args.layer is not None:
-        result = explain_unit(model, batch, args.layer, args.unit, pixel_stats, raw)
-        print(json.dumps(result) if args.json else format_unit(result))
-        return 0
-    try:
-        records = explain(model, batch, mode="eval" if args.eval else "train")
-    except RuntimeError as error:
-        raise ValueError(f"the model cannot run on this data: {str(error).splitlines()[0]}") from None
-    if args.json:
-        json.dump(records, sys.stdout)
-        sys.stdout.write("\n")
-    else:
-        print(f"{len(records)} BN layer(s) on a batch of shape {tuple(batch.shape)}:")
-        print(format_table(records))
-        print(
-            "Each BN layer owns one mean, one variance, one gamma and one beta per feature of its own input; the "
-            "statistic of a feature pools every value of that feature over the reduced axes (the batch and, for "
-            "conv layers, every spatial position), so layer widths never need to match."
-        )
-    return 0

@@ -1,34 +1,28 @@
-"""Figures and a self-contained ``report.html`` (the only module that imports matplotlib).
+"""The text and the self-contained ``report.html`` of a ``compare`` run.
 
-:func:`write_report` turns the ``results.json`` of ``compare`` into PNG
-figures and one HTML page with the images embedded (base64), so the page can
-be mailed or opened offline. ``batchnorm report RUN_DIR`` rebuilds both from
-the folder's ``results.json``.
+:func:`format_summary` is the comparison table; :func:`write_report` turns
+the ``results.json`` of ``compare`` into PNG figures (drawn with
+:mod:`batchnorm.lab.figures`) and one HTML page with the images embedded
+(base64), so the page can be mailed or opened offline. ``batchnorm report
+RUN_DIR`` rebuilds both from the folder's ``results.json``
+(:func:`load_results`). This module never imports the experiments: they
+call it.
 """
 
 from __future__ import annotations
 
-import argparse
-import base64
 import html
 import json
 import math
 from pathlib import Path
 from typing import Any
 
-__all__ = ["write_report"]
+from batchnorm.lab.figures import embed_png, pyplot
+
+__all__ = ["format_summary", "load_results", "write_report"]
 
 LABELS = {"no_bn": "without BN", "bn": "with BN"}
 COLORS = {"no_bn": "#d62728", "bn": "#1f77b4"}
-
-
-def _pyplot() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def _finite(values: list[Any]) -> list[float]:
@@ -36,7 +30,7 @@ def _finite(values: list[Any]) -> list[float]:
 
 
 def _accuracy_figure(results: dict[str, Any], path: Path) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     figure, axis = plt.subplots(figsize=(6, 4))
     for label in ("no_bn", "bn"):
         run = results["runs"].get(label, {})
@@ -54,7 +48,7 @@ def _accuracy_figure(results: dict[str, Any], path: Path) -> None:
 
 
 def _percentile_figure(results: dict[str, Any], path: Path) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     figure, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
     for axis, label, letter in zip(axes, ("no_bn", "bn"), ("b", "c")):
         run = results["runs"].get(label, {})
@@ -75,7 +69,7 @@ def _percentile_figure(results: dict[str, Any], path: Path) -> None:
 
 
 def _layer_figure(results: dict[str, Any], path: Path) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     panels = (
         ("std", "activation std", False),
         ("saturated_pct", "% saturated", False),
@@ -105,11 +99,6 @@ def _layer_figure(results: dict[str, Any], path: Path) -> None:
     plt.close(figure)
 
 
-def _embed(path: Path) -> str:
-    data = base64.b64encode(path.read_bytes()).decode("ascii")
-    return f'<img alt="{html.escape(path.stem)}" src="data:image/png;base64,{data}">'
-
-
 def _table(rows: list[list[str]]) -> str:
     head = "".join(f"<th>{html.escape(cell)}</th>" for cell in rows[0])
     body = "".join("<tr>" + "".join(f"<td>{html.escape(cell)}</td>" for cell in row) + "</tr>" for row in rows[1:])
@@ -133,10 +122,49 @@ def _explain_rows(records: list[dict[str, Any]]) -> list[list[str]]:
     return rows
 
 
+def format_summary(results: dict[str, Any]) -> str:
+    """The final comparison table printed by ``compare``."""
+    summary = results["summary"]
+    labels = [label for label in ("no_bn", "bn") if label in summary]
+    names = {"bn": "with BN", "no_bn": "without BN"}
+    rows = [["", *[names[label] for label in labels]]]
+
+    def cell(value: Any, kind: str = "acc") -> str:
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            return "-"
+        return f"{value:.3f}" if kind == "acc" else f"{value:.2f}" if kind == "float" else str(value)
+
+    for step in summary["checkpoints"]:
+        rows.append([f"test accuracy at {step} steps", *[cell(summary[lb]["accuracy_at"][str(step)]) for lb in labels]])
+    rows.append(["final test accuracy", *[cell(summary[lb]["final_accuracy"]) for lb in labels]])
+    rows.append(["steps to 90% test accuracy", *[cell(summary[lb]["steps_to_90pct"], "int") for lb in labels]])
+    rows.append(
+        [
+            "percentile drift (lower = steadier)",
+            *[cell(summary[lb]["percentile_steadiness"], "float") for lb in labels],
+        ]
+    )
+    rows.append(["diverged", *["yes" if summary[lb]["diverged"] else "no" for lb in labels]])
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows)
+
+
+def load_results(run_dir: str | Path) -> dict[str, Any]:
+    """The ``results.json`` of a ``compare`` run folder (``ValueError`` when missing, unreadable or of another kind)."""
+    path = Path(run_dir) / "results.json"
+    if not path.is_file():
+        raise ValueError(f"{path} does not exist: expected a folder written by `batchnorm compare`")
+    try:
+        results = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is not valid JSON ({error})") from None
+    if not isinstance(results, dict) or "runs" not in results:
+        raise ValueError(f"{path} is not a compare results file (no 'runs')")
+    return results
+
+
 def write_report(out_dir: str | Path, results: dict[str, Any], extra_sections: list[str] | None = None) -> Path:
     """Write ``accuracy.png``, ``percentiles.png``, ``layers.png`` and ``report.html`` into ``out_dir``."""
-    from batchnorm.lab.experiments import format_summary
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     figures = {
@@ -156,7 +184,7 @@ def write_report(out_dir: str | Path, results: dict[str, Any], extra_sections: l
     for name, (draw, caption) in figures.items():
         path = out / f"{name}.png"
         draw(results, path)
-        sections.append(f"<figure>{_embed(path)}<figcaption>{html.escape(caption)}</figcaption></figure>")
+        sections.append(f"<figure>{embed_png(path)}<figcaption>{html.escape(caption)}</figcaption></figure>")
     config = results.get("config", {})
     summary_text = format_summary(results) if "summary" in results else ""
     explain_html = _table(_explain_rows(results["explain"])) if results.get("explain") else ""
@@ -190,26 +218,3 @@ a statistic pools every value of its feature over the reduced axes.</p>
     path = out / "report.html"
     path.write_text(page, encoding="utf-8")
     return path
-
-
-# --------------------------------------------------------------------------- command line
-
-
-def configure_parser(parser: argparse.ArgumentParser) -> None:
-    parser.description = "Rebuild the figures and report.html of a `compare` run from its results.json."
-    parser.add_argument("run_dir", help="a folder written by `batchnorm compare`")
-
-
-def run(args: argparse.Namespace) -> int:
-    folder = Path(args.run_dir)
-    path = folder / "results.json"
-    if not path.is_file():
-        raise ValueError(f"{path} does not exist: expected a folder written by `batchnorm compare`")
-    try:
-        results = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path} is not valid JSON ({error})") from None
-    if not isinstance(results, dict) or "runs" not in results:
-        raise ValueError(f"{path} is not a compare results file (no 'runs')")
-    print(f"wrote {write_report(folder, results)}")
-    return 0

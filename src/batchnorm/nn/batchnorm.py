@@ -104,8 +104,6 @@ class BatchNorm(nn.modules.batchnorm._BatchNorm):
         self.track_running_stats = track_running_stats
         self.axis = axis
         self.nonfinite: NonfinitePolicy = nonfinite
-        self.weight: nn.Parameter | None
-        self.bias: nn.Parameter | None
         if affine:
             self.weight = nn.Parameter(torch.empty(num_features, **factory))
             if bias:
@@ -185,7 +183,7 @@ class BatchNorm(nn.modules.batchnorm._BatchNorm):
 
     def extra_repr(self) -> str:
         text = f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
-        if self.affine and self.bias is None:
+        if self.affine and self._parameters.get("bias") is None:
             text += "bias=False, "
         text += f"track_running_stats={self.track_running_stats}"
         if self.axis != 1:

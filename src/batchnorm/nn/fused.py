@@ -237,7 +237,8 @@ def batch_norm_act(
             nonfinite,
             True,
         )
-    return a
+    result: Tensor = a
+    return result
 
 
 class BatchNormAct(BatchNorm):

@@ -1,8 +1,11 @@
-"""The ``batchnorm`` command line: one verb per task, each in its own module.
+"""The ``batchnorm`` command line: one verb per task, each in its own module of this package.
 
-Every verb module exposes ``configure_parser(parser)`` and ``run(args) -> int``;
-this file only wires them, sets threads, and turns user errors into one line
-on stderr with exit code 2 (no traceback).
+Every verb module (``batchnorm.cli.compare``, ``.explain``, ``.train``,
+``.bench``, ``.report``, ``.tune``) exposes ``configure_parser(parser)`` and
+``run(args) -> int``: it turns the parsed options into plain arguments for the
+library in :mod:`batchnorm.lab` and prints the outcome. This file only wires
+the verbs, sets threads, and turns user errors into one line on stderr with
+exit code 2 (no traceback). Only this package imports ``argparse``.
 """
 
 from __future__ import annotations
@@ -13,16 +16,18 @@ import os
 import sys
 from collections.abc import Sequence
 
-__all__ = ["UsageError", "main"]
+from batchnorm.cli.argtypes import UsageError, positive_int
+
+__all__ = ["VERBS", "UsageError", "build_parser", "main"]
 
 # verb -> (module, one-line help)
 VERBS: dict[str, tuple[str, str]] = {
-    "compare": ("batchnorm.lab.experiments", "the main job: the same deep net with and without BN on real digits"),
-    "explain": ("batchnorm.lab.explain", "per-layer table: which axes each BN layer reduces, shapes and live numbers"),
-    "train": ("batchnorm.lab.training", "one training run from a model spec; checkpoints, resume, divergence guard"),
-    "bench": ("batchnorm.lab.bench", "kernel and end-to-end benchmarks, ours against torch's batch norm, side by side"),
-    "report": ("batchnorm.lab.report", "rebuild report.html from a run folder"),
-    "tune": ("batchnorm.lab.tune", "grid search (Optuna) over lr, momentum, weight decay, ... then the full run"),
+    "compare": ("batchnorm.cli.compare", "the main job: the same deep net with and without BN on real digits"),
+    "explain": ("batchnorm.cli.explain", "per-layer table: which axes each BN layer reduces, shapes and live numbers"),
+    "train": ("batchnorm.cli.train", "one training run from a model spec; checkpoints, resume, divergence guard"),
+    "bench": ("batchnorm.cli.bench", "kernel and end-to-end benchmarks, ours against torch's batch norm, side by side"),
+    "report": ("batchnorm.cli.report", "rebuild report.html from a run folder"),
+    "tune": ("batchnorm.cli.tune", "grid search (Optuna) over lr, momentum, weight decay, ... then the full run"),
 }
 
 THREADS_HELP = (
@@ -30,10 +35,6 @@ THREADS_HELP = (
     "collapse when another process is busy; OpenMP spin-waiting made 2-thread steps 4-200x slower under "
     "contention). Also read from BATCHNORM_THREADS."
 )
-
-
-class UsageError(Exception):
-    """A user mistake: printed as one line on stderr, exit code 2."""
 
 
 def _default_threads() -> int:
@@ -45,36 +46,6 @@ def _default_threads() -> int:
     if threads < 1:
         raise UsageError(f"BATCHNORM_THREADS must be a positive integer, got {value!r}")
     return threads
-
-
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
-def non_negative_float(text: str) -> float:
-    """argparse type: a finite float >= 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
-    if not value >= 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    """argparse type: a finite float > 0."""
-    value = non_negative_float(text)
-    if value == 0:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
-    return value
 
 
 class _Parser(argparse.ArgumentParser):

@@ -21,8 +21,8 @@ import torch
 
 from batchnorm.lab.data import load_dataset
 from batchnorm.lab.experiments import COMPARE_DEFAULTS, compare, percentile_steadiness
-from batchnorm.reference import batch_norm_forward
 from batchnorm.lab.training import TrainConfig, train
+from batchnorm.reference import batch_norm_forward
 from helpers import run_cli
 
 TINY = dataclasses.replace(

@@ -1,0 +1,120 @@
+"""``batchnorm bench``: kernel and end-to-end benchmarks (see :mod:`batchnorm.lab.bench`).
+
+:func:`main` is the same command without the verb (``python
+benchmarks/bench_kernels.py``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from batchnorm.cli.argtypes import argument_type, comma_separated, positive_int
+from batchnorm.lab import bench
+from batchnorm.lab.bench import OPERATIONS, BenchOptions, parse_case, parse_dtype, parse_kernel, parse_operation
+
+__all__ = ["configure_parser", "main", "run"]
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    """Add the ``bench`` options to ``parser`` (the CLI adds ``--threads``)."""
+    parser.add_argument(
+        "--quick", action="store_true", help="float32 only, fewer and shorter repeats: about a minute once compiled"
+    )
+    parser.add_argument(
+        "--shapes",
+        type=comma_separated(argument_type(parse_case)),
+        default=None,
+        help="comma-separated cases LAYOUT:AxBx... (layouts: dense, nchw, channels-last, sequence) or suite "
+        "shapes; default: the whole suite",
+    )
+    parser.add_argument(
+        "--dtype",
+        type=comma_separated(argument_type(parse_dtype)),
+        default=None,
+        help="comma-separated dtypes (float32, bfloat16, float16, float64); default float32,bfloat16 "
+        "(float32 with --quick)",
+    )
+    parser.add_argument(
+        "--kernel",
+        type=comma_separated(argument_type(parse_kernel)),
+        default=["auto"],
+        help="our kernel settings to time, comma-separated among auto, native, eager, compiled, torch (default auto)",
+    )
+    parser.add_argument(
+        "--operations",
+        type=comma_separated(argument_type(parse_operation)),
+        default=list(OPERATIONS),
+        help=f"comma-separated among {', '.join(OPERATIONS)} (default all)",
+    )
+    parser.add_argument(
+        "--repeats", type=positive_int, default=None, help="interleaved repeats per timing (default 9, 5 with --quick)"
+    )
+    parser.add_argument(
+        "--block-ms",
+        type=float,
+        default=None,
+        help="target duration of one timed block in ms (default 20, 8 with --quick)",
+    )
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    parser.add_argument(
+        "--explain", action="store_true", help="print which kernel path is chosen for every case, then time"
+    )
+    parser.add_argument("--explain-only", action="store_true", help="print the kernel choices and stop")
+    parser.add_argument(
+        "--end-to-end", action="store_true", help="also time training steps of the paper MLP and a small CNN"
+    )
+    parser.add_argument(
+        "--steps", type=positive_int, default=None, help="end-to-end steps per timed block (default 20)"
+    )
+    parser.add_argument(
+        "--out", type=Path, default=Path("runs/bench"), help="folder for bench.json (default runs/bench)"
+    )
+    parser.add_argument("--json", type=Path, default=None, help="write the results here instead of OUT/bench.json")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the benchmark described by ``args`` (see :func:`configure_parser`); return the exit code."""
+    threads = getattr(args, "threads", None)
+    if threads is None:  # the CLI's default: $BATCHNORM_THREADS, else 1
+        value = os.environ.get("BATCHNORM_THREADS", "1")
+        threads = int(value) if value.isdigit() and int(value) > 0 else 1
+    torch.set_num_threads(threads)
+    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+        sys.stderr.write("batchnorm bench: error: --device cuda, but torch.cuda.is_available() is False\n")
+        return 2
+    options = BenchOptions(
+        quick=args.quick,
+        shapes=args.shapes,
+        dtype=args.dtype,
+        kernel=args.kernel,
+        operations=args.operations,
+        repeats=args.repeats,
+        block_ms=args.block_ms,
+        device=args.device,
+        explain=args.explain,
+        explain_only=args.explain_only,
+        end_to_end=args.end_to_end,
+        steps=args.steps,
+        out=args.out,
+        json_path=args.json,
+    )
+    bench.run(options)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Standalone entry point (``python benchmarks/bench_kernels.py``): the ``bench`` options plus ``--threads``."""
+    parser = argparse.ArgumentParser(
+        prog="bench_kernels", description=bench.__doc__.split("\n\n")[0] if bench.__doc__ else None
+    )
+    parser.add_argument("--threads", type=positive_int, default=None, help="CPU threads for torch (default 1)")
+    configure_parser(parser)
+    args = parser.parse_args(argv)
+    torch.set_flush_denormal(True)
+    return run(args)

@@ -1,0 +1,57 @@
+"""``batchnorm compare``: the main job, the same deep net with and without BN (see :mod:`batchnorm.lab.experiments`)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from batchnorm.cli.options import add_data_arguments, add_model_arguments, add_optimizer_arguments, config_from_args
+from batchnorm.lab.data import load_dataset
+from batchnorm.lab.experiments import COMPARE_DEFAULTS, compare
+from batchnorm.lab.explain import format_table
+from batchnorm.lab.report import format_summary
+
+__all__ = ["configure_parser", "run"]
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    defaults = COMPARE_DEFAULTS
+    parser.description = (
+        "The main job: Ioffe & Szegedy's MNIST experiment. The same 784-100-100-100-10 sigmoid network is trained "
+        "with BN before each nonlinearity and without BN, from the same small Gaussian init, seed and batches of "
+        "60. Prints the per-layer BN explanation and a comparison table; writes results.json, PNG figures and "
+        "report.html into --out. --steps 50000 runs the paper's length. Runs on one CPU thread unless --threads "
+        "says otherwise. Any --norm given is ignored: both are run."
+    )
+    add_model_arguments(parser, defaults)
+    add_data_arguments(parser, defaults)
+    add_optimizer_arguments(parser, defaults)
+    parser.set_defaults(init=defaults.init, input_norm=defaults.input_norm, lr=defaults.lr, momentum=defaults.momentum)
+    parser.add_argument("--out", default="runs/compare", help="output folder (default %(default)s)")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+
+
+def run(args: argparse.Namespace) -> int:
+    config = config_from_args(args, COMPARE_DEFAULTS)
+    config.checkpoint_every = config.steps
+    if args.download:
+        load_dataset(config.data, config.data_dir, download=True)
+    started = time.perf_counter()
+    results = compare(config, args.out, progress=not args.no_progress)
+    if results["explain"]:
+        print("What each BN layer computes (trained BN network, one training batch):")
+        print(format_table(results["explain"]))
+        print()
+    print(
+        f"{config.model}, {config.act}, init {config.init}, batch {config.batch_size}, lr {config.lr}, "
+        f"momentum {config.momentum}, {config.steps} steps; data: {results['dataset']}"
+    )
+    print(format_summary(results))
+    out = Path(args.out)
+    print(f"\nwrote {out / 'results.json'} and {out / 'report.html'} in {time.perf_counter() - started:.0f} s")
+    for label in ("bn", "no_bn"):
+        if results["runs"][label].get("diverged"):
+            sys.stderr.write(f"batchnorm: the {label} run diverged: {results['runs'][label]['diverged']}\n")
+    return 0

@@ -1,0 +1,81 @@
+"""``batchnorm explain``: what every BN layer of a network computes on a real batch (:mod:`batchnorm.lab.explain`)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from batchnorm.cli.argtypes import positive_int
+from batchnorm.cli.options import add_data_arguments, add_model_arguments, requested_model
+from batchnorm.lab.explain import explain, explain_unit, format_table, format_unit, prepare
+from batchnorm.lab.training import TrainConfig
+
+__all__ = ["configure_parser", "run"]
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    defaults = TrainConfig()
+    parser.description = (
+        "For every BN layer of a network, on a real batch of digits: the layer's input shape, the feature axis, "
+        "the axes reduced, how many values feed each mean and variance, the shapes of gamma and beta, and the "
+        "numbers. With --layer/--unit, one statistic computed step by step. The model's running statistics "
+        "and mode are left unchanged."
+    )
+    add_model_arguments(parser, defaults)
+    add_data_arguments(parser, defaults)
+    parser.add_argument("--checkpoint", default=None, metavar="CKPT", help="explain a trained model from `train`")
+    parser.add_argument("--batch-size", type=positive_int, default=60, help="examples in the batch (default 60)")
+    parser.add_argument("--seed", type=int, default=0, help="seed for the init and the batch")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument("--layer", default=None, help="a BN layer name (e.g. bn2) for the step-by-step view")
+    parser.add_argument("--unit", type=int, default=None, help="the feature index within --layer")
+    parser.add_argument("--eval", action="store_true", help="run in eval mode (normalize with running statistics)")
+
+
+def _config(args: argparse.Namespace) -> TrainConfig:
+    """The model and data options as a :class:`TrainConfig` (not validated: the model builder checks what it uses)."""
+    defaults = TrainConfig()
+    return TrainConfig(
+        model=args.model or defaults.model,
+        act=args.act or defaults.act,
+        norm=args.norm or defaults.norm,
+        placement=args.placement or defaults.placement,
+        init=args.init,
+        data=args.data,
+        data_dir=args.data_dir,
+        input_norm=args.input_norm,
+        seed=args.seed,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    model, batch, raw, pixel_stats = prepare(
+        _config(args),
+        checkpoint=args.checkpoint,
+        requested_model=requested_model(args),
+        batch_size=args.batch_size,
+        download=args.download,
+    )
+    if (args.layer is None) != (args.unit is None):
+        raise ValueError("--layer and --unit go together (e.g. --layer bn2 --unit 0)")
+    if args.layer is not None:
+        result = explain_unit(model, batch, args.layer, args.unit, pixel_stats, raw)
+        print(json.dumps(result) if args.json else format_unit(result))
+        return 0
+    try:
+        records = explain(model, batch, mode="eval" if args.eval else "train")
+    except RuntimeError as error:
+        raise ValueError(f"the model cannot run on this data: {str(error).splitlines()[0]}") from None
+    if args.json:
+        json.dump(records, sys.stdout)
+        sys.stdout.write("\n")
+    else:
+        print(f"{len(records)} BN layer(s) on a batch of shape {tuple(batch.shape)}:")
+        print(format_table(records))
+        print(
+            "Each BN layer owns one mean, one variance, one gamma and one beta per feature of its own input; the "
+            "statistic of a feature pools every value of that feature over the reduced axes (the batch and, for "
+            "conv layers, every spatial position), so layer widths never need to match."
+        )
+    return 0

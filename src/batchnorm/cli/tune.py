@@ -1,0 +1,130 @@
+"""``batchnorm tune``: grid search with Optuna, then the full run (see :mod:`batchnorm.lab.tune`)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from batchnorm.cli.argtypes import positive_int
+from batchnorm.cli.options import add_data_arguments, add_model_arguments, add_optimizer_arguments, config_from_args
+from batchnorm.lab.data import load_dataset
+from batchnorm.lab.training import EXIT_DIVERGED, TrainConfig
+from batchnorm.lab.tune import (
+    DEFAULT_TRIAL_STEPS,
+    FINISHED_STATES,
+    GRID_OPTIONS,
+    WorkerError,
+    format_params,
+    format_table,
+    option_name,
+    parse_grid,
+    results_table,
+    tune,
+)
+
+__all__ = ["configure_parser", "run"]
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    defaults = TrainConfig()
+    options = ", ".join(option_name(name) for name in GRID_OPTIONS)
+    parser.description = (
+        "Grid search with Optuna's grid sampler: one short run (--trial-steps) per grid point, then the full run "
+        "(--steps) with the setting of highest test accuracy. The study lives in SQLite (--out/study.db) or "
+        "--storage; running the same command again resumes without repeating finished points. Runs stopped by "
+        "the divergence guard are recorded as diverged. Writes tune.json, heatmaps and report.html into --out. "
+        "The options below set every trial's base values; --grid overrides them."
+    )
+    parser.add_argument(
+        "--grid",
+        action="append",
+        default=[],
+        metavar="NAME=V1,V2,...",
+        help=f"values of one option to search (repeat for more options); NAME is one of {options}",
+    )
+    parser.add_argument(
+        "--trial-steps",
+        type=positive_int,
+        default=DEFAULT_TRIAL_STEPS,
+        help="SGD steps of each grid trial (default %(default)s)",
+    )
+    add_model_arguments(parser, defaults)
+    add_data_arguments(parser, defaults)
+    add_optimizer_arguments(parser, defaults)
+    # argparse has no public way to reword an option another module added.
+    steps_option = parser._option_string_actions["--steps"]
+    steps_option.help = f"SGD steps of the full run with the best setting (default {defaults.steps})"
+    parser.add_argument("--no-final", action="store_true", help="skip the full run with the best setting")
+    parser.add_argument("--out", default="runs/tune", help="output folder (default %(default)s)")
+    parser.add_argument(
+        "--jobs", type=positive_int, default=1, help="worker processes, one trial each at a time (default 1)"
+    )
+    parser.add_argument(
+        "--storage",
+        default=None,
+        metavar="URL",
+        help="Optuna database URL shared by several machines (default sqlite:///OUT/study.db)",
+    )
+    parser.add_argument("--study-name", default=None, help="study name (default: derived from grid and settings)")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+
+
+def run(args: argparse.Namespace) -> int:
+    grid = parse_grid(args.grid)
+    final = config_from_args(args, TrainConfig())
+    base = dataclasses.replace(final, steps=args.trial_steps)
+    if args.download:
+        load_dataset(base.data, base.data_dir, download=True)
+    started = time.perf_counter()
+    try:
+        results = tune(
+            grid,
+            base,
+            args.out,
+            final_steps=None if args.no_final else final.steps,
+            storage=args.storage,
+            study_name=args.study_name,
+            jobs=args.jobs,
+            threads=torch.get_num_threads(),
+            progress=not args.no_progress,
+        )
+    except WorkerError as error:  # failed workers (each printed its own error); the study keeps what finished
+        sys.stderr.write(f"batchnorm: {error}; run the same command again to resume\n")
+        return 1
+    records = results["trials"]
+    best_number = results["best_trial"]["number"] if results["best_trial"] else None
+    print(f"{base.model}, {base.act}, {base.data}, {base.steps} steps per trial (study {results['study']})")
+    print(format_table(results_table(records), grid, best_number))
+    retried = sum(1 for r in records if r["state"] not in FINISHED_STATES)
+    if retried:
+        print(f"({retried} other attempts: interrupted, failed or duplicate trials, retried or superseded)")
+    out = Path(args.out)
+    if results["unfinished"]:
+        sys.stderr.write(
+            f"batchnorm: {len(results['unfinished'])} grid points are unfinished (still running elsewhere?); "
+            "run the same command again\n"
+        )
+        return 1
+    if results["best"] is None:
+        sys.stderr.write("batchnorm: every trial diverged; no setting to train fully\n")
+        return EXIT_DIVERGED
+    print(f"best: {format_params(results['best'])} (test accuracy {results['best_trial']['value']:.4f})")
+    final_record = results["final"]
+    if final_record is not None:
+        if final_record["state"] == "diverged":
+            sys.stderr.write(f"batchnorm: the full run diverged: {final_record['message']}\n")
+            return EXIT_DIVERGED
+        print(
+            f"full run: {final_record['steps']} steps, test accuracy {final_record['test_accuracy']:.4f}, "
+            f"test loss {final_record['test_loss']:.4f}; checkpoint {final_record['checkpoint']}"
+        )
+    print(
+        f"wrote {out / 'tune.json'}, {len(results['heatmaps'])} heatmaps and {out / 'report.html'} "
+        f"in {time.perf_counter() - started:.0f} s"
+    )
+    return 0
