@@ -44,10 +44,12 @@ What this op adds to PyTorch's:
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, Literal
 
 import torch
 from torch import Tensor
+from torch._functorch.pyfunctorch import temporarily_clear_interpreter_stack
 
 from batchnorm import kernels
 from batchnorm._shapes import canonical_axis
@@ -99,7 +101,7 @@ def _check_vector(name: str, value: Tensor | None, num_features: int, axis: int)
         raise _InputDtypeError(f"expected {name} to be a floating-point tensor, got dtype {value.dtype}")
 
 
-def check_arguments(
+def _check_arguments(
     input: Tensor,
     running_mean: Tensor | None,
     running_var: Tensor | None,
@@ -123,7 +125,7 @@ def check_arguments(
             feature = axis % ndim
             shape = (input.shape[feature],)
             if (
-                (momentum is None or (type(momentum) is float and 0.0 <= momentum <= 1.0))
+                (momentum is None or not training or (type(momentum) is float and 0.0 <= momentum <= 1.0))
                 and (running_mean is None) == (running_var is None)
                 and (running_mean is None or (isinstance(running_mean, Tensor) and running_mean.shape == shape))
                 and (running_var is None or (isinstance(running_var, Tensor) and running_var.shape == shape))
@@ -149,9 +151,11 @@ def check_arguments(
         raise BatchNormArgumentError(str(error)) from None
     if not (isinstance(eps, (int, float)) and not isinstance(eps, bool) and eps > 0):
         raise BatchNormArgumentError(f"expected eps > 0, got {eps}")
-    if momentum is not None and not (
-        isinstance(momentum, (int, float)) and not isinstance(momentum, bool) and 0.0 <= momentum <= 1.0
-    ):
+    if (
+        training
+        and momentum is not None
+        and not (isinstance(momentum, (int, float)) and not isinstance(momentum, bool) and 0.0 <= momentum <= 1.0)
+    ):  # a momentum outside [0, 1] extrapolates the running statistics (unused in eval, as in torch)
         raise BatchNormArgumentError(f"expected momentum in [0, 1] or None, got {momentum}")
     if (running_mean is None) != (running_var is None):
         raise BatchNormArgumentError("expected running_mean and running_var to be both tensors or both None")
@@ -173,6 +177,33 @@ def check_arguments(
     elif running_mean is None:
         raise BatchNormArgumentError("expected running_mean and running_var when training=False, got None")
     return feature
+
+
+def check_arguments(
+    input: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    training: bool,
+    momentum: float | None,
+    eps: float,
+    axis: int,
+) -> int:
+    """Validate the arguments of :func:`batch_norm`; return the canonical feature axis.
+
+    ``momentum`` is checked in training only (eval does not use it, as in torch).
+
+    Raises:
+        BatchNormArgumentError: (a ``ValueError`` and a ``RuntimeError``) with a
+            message naming what was expected and what was received.
+    """
+    if torch._C._get_tracing_state() is not None:
+        # torch.jit.trace records sizes as tensors; comparing them warns, and the checks only read shapes.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            return _check_arguments(input, running_mean, running_var, weight, bias, training, momentum, eps, axis)
+    return _check_arguments(input, running_mean, running_var, weight, bias, training, momentum, eps, axis)
 
 
 class BatchNormFunction(torch.autograd.Function):
@@ -301,12 +332,35 @@ def _update_running_stats(
             if num_batches_tracked is not None:
                 num_batches_tracked.add_(1)
             return True
+        if not kernels._tracing() and kernels._transformed(mean) and not kernels._transformed(running_mean):
+            # Under torch.func (grad, jvp): the buffers are captured state, written outside the
+            # transform with the plain values (a vmap-batched statistic cannot fit them and raises).
+            with temporarily_clear_interpreter_stack():
+                return _update_running_stats(
+                    running_mean,
+                    running_var,
+                    _unwrapped(mean),
+                    _unwrapped(var),
+                    count,
+                    momentum,
+                    num_batches_tracked,
+                    nonfinite,
+                    False,
+                )
         ok = torch.isfinite(mean).all() & torch.isfinite(var).all()
         running_mean.copy_(torch.where(ok, _blend(running_mean, mean, factor), running_mean.to(mean.dtype)))
         running_var.copy_(torch.where(ok, _blend(running_var, unbiased, factor), running_var.to(var.dtype)))
         if num_batches_tracked is not None:
             num_batches_tracked.add_(ok.to(num_batches_tracked.dtype))
         return True
+
+
+def _unwrapped(t: Tensor) -> Tensor:
+    """The plain value under ``torch.func`` wrappers and forward-mode tangents."""
+    functorch = torch._C._functorch
+    while functorch.is_functorch_wrapped_tensor(t):
+        t = functorch.get_unwrapped(t)
+    return t.detach()
 
 
 def _composite_training(
@@ -355,7 +409,7 @@ def _training(
         if num_batches_tracked is not None:
             num_batches_tracked.add_(1)
         return y, False
-    host_checks = chosen.host_checks and not kernels._transformed(mean)
+    host_checks = chosen.host_checks and not kernels._transformed(mean)  # host_checks is False while traced
     updated = _update_running_stats(
         running_mean, running_var, mean, var, count, momentum, num_batches_tracked, nonfinite, host_checks
     )
@@ -378,8 +432,9 @@ def _inference(
         if y is not None:
             return y
     compute = torch.float64 if chosen.backend == "exact" else kernels.accumulation_dtype(input.dtype)
-    invstd = torch.rsqrt(running_var.to(compute) + eps)
-    return kernels.torch_ops.normalize(input, running_mean, invstd, weight, bias, feature, compute)
+    # The running statistics are constants of the map (torch's op has no derivative for them either).
+    invstd = torch.rsqrt(running_var.detach().to(compute) + eps)
+    return kernels.torch_ops.normalize(input, running_mean.detach(), invstd, weight, bias, feature, compute)
 
 
 def batch_norm_with_status(
@@ -399,8 +454,20 @@ def batch_norm_with_status(
     """:func:`batch_norm`, also returning whether the running statistics were updated."""
     if nonfinite not in NONFINITE_POLICIES:
         raise BatchNormArgumentError(f"expected nonfinite to be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
+    if isinstance(input, Tensor) and input.dim() == 1 and input.numel() == 0 and axis in (0, 1, -1):
+        return input.clone(), False  # torch's op returns an empty (0,) input as it is, whatever the buffers
     feature = check_arguments(input, running_mean, running_var, weight, bias, training, momentum, eps, axis)
     chosen = kernels.plan(input, training, weight, bias)
+    if (
+        not chosen.host_checks
+        and not kernels._tracing()
+        and (kernels._dual(running_mean) or kernels._dual(running_var))
+        and (training or kernels._dual(input))
+    ):
+        raise BatchNormArgumentError(
+            "batch_norm is not differentiable with respect to running_mean and running_var: they carry "
+            "forward-mode tangents (as in torch's op, only the input, weight and bias may)"
+        )
     if training:
         return _training(
             chosen,
@@ -415,7 +482,8 @@ def batch_norm_with_status(
             num_batches_tracked,
             nonfinite,
         )
-    assert running_mean is not None and running_var is not None
+    assert running_mean is not None
+    assert running_var is not None
     return _inference(chosen, input, feature, running_mean, running_var, weight, bias, float(eps)), False
 
 

@@ -211,6 +211,15 @@ def _transformed(t: Tensor | None) -> bool:
     return forward_ad.unpack_dual(t).tangent is not None  # type: ignore[no-untyped-call]
 
 
+def _dual(t: Tensor | None) -> bool:
+    """A tensor carrying a forward-mode tangent (``make_dual`` or ``torch.func.jvp``)."""
+    if t is None:
+        return False
+    if _peek_transforms() is not None and torch._C._functorch.is_gradtrackingtensor(t):
+        return True  # a jvp or grad wrapper (a vmap-batched buffer is not differentiated)
+    return forward_ad._current_level >= 0 and forward_ad.unpack_dual(t).tangent is not None  # type: ignore[no-untyped-call]
+
+
 def _tracing() -> bool:
     """Inside ``torch.compile``/``torch.export`` tracing or ``torch.jit.trace``."""
     return torch.compiler.is_compiling() or torch._C._get_tracing_state() is not None
@@ -234,6 +243,7 @@ _COMPOSITE = {
     "traced": Plan("composite", "torch", "traced (torch.compile, torch.export or torch.jit.trace)", None, False),
     "transformed": Plan("composite", "torch", "torch.func transform or forward-mode AD", None, False),
     "empty": Plan("composite", "torch", "empty input"),
+    "meta": Plan("composite", "torch", "meta tensors: shapes only, nothing for the host to check", None, False),
     "eval-grad": Plan("composite", "torch", "eval with a gradient: differentiated by PyTorch"),
     "eval": Plan("composite", "torch", "native kernels unavailable here: PyTorch operations"),
     "exact": Plan("composite", "exact", "forced by the kernel setting"),
@@ -270,6 +280,8 @@ def plan(
         chosen = _COMPOSITE["transformed"]
     elif input.numel() == 0:
         chosen = _COMPOSITE["empty"]
+    elif input.device.type == "meta":
+        chosen = _COMPOSITE["meta"]
     else:
         setting = get_kernel()
         if setting == "exact":
