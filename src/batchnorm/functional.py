@@ -201,7 +201,7 @@ def check_arguments(
     if torch._C._get_tracing_state() is not None:
         # torch.jit.trace records sizes as tensors; comparing them warns, and the checks only read shapes.
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            warnings.simplefilter("ignore", torch.jit._trace.TracerWarning)
             return _check_arguments(input, running_mean, running_var, weight, bias, training, momentum, eps, axis)
     return _check_arguments(input, running_mean, running_var, weight, bias, training, momentum, eps, axis)
 
