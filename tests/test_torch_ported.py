@@ -2137,7 +2137,8 @@ for broadcast in (True, False):
             optimizer.zero_grad()
             ddp(x).square().mean().backward()
             optimizer.step()
-        results.append(torch.cat([t.detach().flatten() for t in [*net.parameters(), *net.buffers()] if t.is_floating_point()]))
+        state = [t.detach().flatten() for t in [*net.parameters(), *net.buffers()] if t.is_floating_point()]
+        results.append(torch.cat(state))
 for theirs, ours in ((results[0], results[1]), (results[2], results[3])):
     assert torch.allclose(theirs, ours, rtol=1e-10, atol=1e-12), (theirs - ours).abs().max()
 dist.destroy_process_group()
