@@ -199,10 +199,16 @@ _peek_transforms = torch._C._functorch.peek_interpreter_stack
 _is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 
 
+_is_legacy_batched = torch._C._functorch.is_legacy_batchedtensor
+
+
 def _transformed(t: Tensor | None) -> bool:
-    """A ``torch.func`` wrapper (vmap, grad, jvp) or a tensor carrying a forward-mode tangent."""
+    """A ``torch.func`` wrapper (vmap, grad, jvp), a legacy batched gradient (``is_grads_batched``),
+    or a tensor carrying a forward-mode tangent: what the native kernels cannot read."""
     if t is None:
         return False
+    if _is_legacy_batched(t):
+        return True
     # Neither exists outside a transform or a forward-AD dual level: two cheap global checks first.
     if _peek_transforms() is not None and _is_wrapped(t):
         return True
