@@ -329,13 +329,15 @@ def _feature(x: Tensor, axis: int) -> int:
 
 
 def _backend(x: Tensor, backend: str | None) -> str:
+    """The backend a primitive runs: the one asked for (else the setting); ``native`` only where it can run."""
     if backend is None:
-        setting = get_kernel()
-        if setting != "auto":
-            return setting
-        return "native" if x.is_cpu and native.supports(x.dtype) and not _transformed(x) else "torch"
-    if backend not in BACKENDS:
+        backend = get_kernel()
+    elif backend not in BACKENDS:
         raise ValueError(f"expected backend to be one of {', '.join(BACKENDS)}, got {backend!r}")
+    if backend in ("auto", "native"):
+        # The same results either way (to rounding): torch operations where the native kernels cannot run.
+        native_here = x.is_cpu and native.supports(x.dtype) and not _transformed(x)
+        return "native" if native_here else "torch"
     return backend
 
 
