@@ -44,7 +44,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         "--kernel",
         type=comma_separated(argument_type(parse_kernel)),
         default=["auto"],
-        help="our kernel settings to time, comma-separated among auto, native, eager, compiled, torch (default auto)",
+        help="our kernel settings to time, comma-separated among auto, native, torch, exact (default auto)",
     )
     parser.add_argument(
         "--operations",
