@@ -388,16 +388,6 @@ def _training(
     num_batches_tracked: Tensor | None,
     nonfinite: str,
 ) -> tuple[Tensor, bool]:
-    if chosen.route == "fused":
-        y, status = native.train(
-            input, weight, bias, running_mean, running_var, num_batches_tracked, feature, momentum, eps
-        )
-        if y is not None:
-            if status == 1 and nonfinite == "raise" and running_mean is not None:
-                raise NonfiniteBatchError(_NONFINITE_MESSAGE)
-            return y, status == 0 and running_mean is not None
-        assert chosen.fallback is not None
-        chosen = chosen.fallback
     if chosen.route == "function":
         y, mean, var = BatchNormFunction.apply(input, weight, bias, feature, eps, chosen.backend)  # type: ignore[no-untyped-call]
         count = input.numel() // input.shape[feature]
@@ -427,10 +417,6 @@ def _inference(
     eps: float,
 ) -> Tensor:
     """Algorithm 2: ``y = (x - running_mean) / sqrt(running_var + eps) * weight + bias``."""
-    if chosen.route == "fused":
-        y = native.inference(input, running_mean, running_var, weight, bias, feature, eps)
-        if y is not None:
-            return y
     compute = torch.float64 if chosen.backend == "exact" else kernels.accumulation_dtype(input.dtype)
     # The running statistics are constants of the map (torch's op has no derivative for them either).
     invstd = torch.rsqrt(running_var.detach().to(compute) + eps)
@@ -452,12 +438,39 @@ def batch_norm_with_status(
     nonfinite: NonfinitePolicy = "raise",
 ) -> tuple[Tensor, bool]:
     """:func:`batch_norm`, also returning whether the running statistics were updated."""
+    if not isinstance(input, Tensor):
+        raise BatchNormArgumentError(f"expected input to be a torch.Tensor, got {type(input).__name__}")
+    chosen = kernels.plan(input, training, weight, bias)
+    if chosen.route == "fused":
+        # The native operator checks the tensors itself (in C++) and declines what its kernels do not
+        # take as they are; the scalars it would read differently are checked here. Declined: the
+        # fallback, after the full argument checks below, which word any error.
+        if type(eps) is float and type(axis) is int and (nonfinite == "raise" or nonfinite == "skip"):
+            if not training:
+                try:
+                    output = native.inference(input, running_mean, running_var, weight, bias, axis, eps)  # type: ignore[arg-type]
+                except TypeError:  # an argument of a type the operator's schema refuses
+                    output = None
+                if output is not None:
+                    return output, False
+            elif momentum is None or (type(momentum) is float and 0.0 <= momentum <= 1.0):
+                try:
+                    y, status = native.train(
+                        input, weight, bias, running_mean, running_var, num_batches_tracked, axis, momentum, eps
+                    )
+                except TypeError:
+                    y = None
+                if y is not None:
+                    if status == 1 and nonfinite == "raise" and running_mean is not None:
+                        raise NonfiniteBatchError(_NONFINITE_MESSAGE)
+                    return y, status == 0 and running_mean is not None
+        assert chosen.fallback is not None
+        chosen = chosen.fallback
     if nonfinite not in NONFINITE_POLICIES:
         raise BatchNormArgumentError(f"expected nonfinite to be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
-    if isinstance(input, Tensor) and input.dim() == 1 and input.numel() == 0 and axis in (0, 1, -1):
+    if input.dim() == 1 and input.numel() == 0 and axis in (0, 1, -1):
         return input.clone(), False  # torch's op returns an empty (0,) input as it is, whatever the buffers
     feature = check_arguments(input, running_mean, running_var, weight, bias, training, momentum, eps, axis)
-    chosen = kernels.plan(input, training, weight, bias)
     if (
         not chosen.host_checks
         and not kernels._tracing()

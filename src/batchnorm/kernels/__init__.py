@@ -226,9 +226,13 @@ def _dual(t: Tensor | None) -> bool:
     return forward_ad._current_level >= 0 and forward_ad.unpack_dual(t).tangent is not None  # type: ignore[no-untyped-call]
 
 
+_is_compiling = torch.compiler.is_compiling
+_tracing_state = torch._C._get_tracing_state
+
+
 def _tracing() -> bool:
     """Inside ``torch.compile``/``torch.export`` tracing or ``torch.jit.trace``."""
-    return torch.compiler.is_compiling() or torch._C._get_tracing_state() is not None
+    return _is_compiling() or _tracing_state() is not None
 
 
 _FUNCTION = {name: Plan("function", name, "forced by the kernel setting") for name in BACKENDS}  # type: ignore[arg-type]
@@ -280,21 +284,19 @@ def plan(
     5. otherwise (another device, no compiler, ``BATCHNORM_NATIVE=0``):
        ``function`` (training) / ``composite`` (eval) on PyTorch operations.
     """
-    if _tracing():
+    if _is_compiling() or _tracing_state() is not None:
         return _COMPOSITE["traced"]  # no logging: a tracer cannot follow it
-    if _transformed(input) or _transformed(weight) or _transformed(bias):
+    # Outside transforms and forward-AD dual levels nothing is wrapped or dual: two global checks.
+    plain = _peek_transforms() is None and forward_ad._current_level < 0
+    if not plain and (_transformed(input) or _transformed(weight) or _transformed(bias)):
         chosen = _COMPOSITE["transformed"]
-    elif input.numel() == 0:
-        chosen = _COMPOSITE["empty"]
-    elif input.device.type == "meta":
-        chosen = _COMPOSITE["meta"]
     else:
-        setting = get_kernel()
-        if setting == "exact":
-            chosen = _FUNCTION["exact"] if training else _COMPOSITE["exact"]
-        elif setting == "torch":
-            chosen = _FUNCTION["torch"] if training else _COMPOSITE["eval"]
-        elif input.is_cpu and native.supports(input.dtype):
+        setting: str | None = _local.kernel
+        if setting is None:
+            setting = _environment.get(KERNEL_ENV_VAR) or _environment_kernel()
+        numel = input.numel()
+        # The common case first, in the fewest operations: a plain CPU call the native kernels take.
+        if (setting == "auto" or setting == "native") and numel and input.is_cpu and native.supports(input.dtype):
             if training:
                 chosen = _TRAIN_FUSED
             elif torch.is_grad_enabled() and (
@@ -305,6 +307,14 @@ def plan(
                 chosen = _COMPOSITE["eval-grad"]
             else:
                 chosen = _EVAL_FUSED
+        elif numel == 0:
+            chosen = _COMPOSITE["empty"]
+        elif input.device.type == "meta":
+            chosen = _COMPOSITE["meta"]
+        elif setting == "exact":
+            chosen = _FUNCTION["exact"] if training else _COMPOSITE["exact"]
+        elif setting == "torch":
+            chosen = _FUNCTION["torch"] if training else _COMPOSITE["eval"]
         else:
             chosen = _TRAIN_NO_NATIVE if training else _COMPOSITE["eval"]
     if logger.isEnabledFor(logging.DEBUG):
