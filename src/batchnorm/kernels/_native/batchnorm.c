@@ -93,19 +93,34 @@ static void affine_rows_stream(const float *x, float *y, int64_t r0, int64_t r1,
             for (; c < C; c++) yr[c] = (xr[c] - center[c]) * scale[c] + offset[c];
         }
     } else {
-        for (int64_t row = r0; row < r1; row++) {
-            int64_t c = row % C;
-            const float mc = center[c], sc = scale[c], oc = offset[c];
-            const __m256 vm = _mm256_set1_ps(mc), vs = _mm256_set1_ps(sc), vo = _mm256_set1_ps(oc);
-            const float *xr = x + row * S;
-            float *yr = y + row * S;
-            int64_t s = 0;
-            for (; s < S && ((uintptr_t)(yr + s) & 31) != 0; s++) yr[s] = (xr[s] - mc) * sc + oc;
-            for (; s + 8 <= S; s += 8) {
-                __m256 v = _mm256_sub_ps(_mm256_loadu_ps(xr + s), vm);
-                _mm256_stream_ps(yr + s, _mm256_add_ps(_mm256_mul_ps(v, vs), vo));
+        /* Channels-first: the rows' elements [r0 * S, r1 * S) as one run of aligned 8-float vectors, so every
+           streamed line is written whole even when a row (S floats) is not a multiple of a cache line; a
+           vector that straddles two rows is formed element by element. */
+        int64_t e = r0 * S, end = r1 * S;
+        for (; e < end && ((uintptr_t)(y + e) & 31) != 0; e++) {
+            int64_t c = (e / S) % C;
+            y[e] = (x[e] - center[c]) * scale[c] + offset[c];
+        }
+        while (e + 8 <= end) {
+            int64_t row = e / S, row_end = (row + 1) * S, c = row % C;
+            const __m256 vm = _mm256_set1_ps(center[c]), vs = _mm256_set1_ps(scale[c]), vo = _mm256_set1_ps(offset[c]);
+            for (; e + 8 <= row_end && e + 8 <= end; e += 8) {
+                __m256 v = _mm256_sub_ps(_mm256_loadu_ps(x + e), vm);
+                _mm256_stream_ps(y + e, _mm256_add_ps(_mm256_mul_ps(v, vs), vo));
             }
-            for (; s < S; s++) yr[s] = (xr[s] - mc) * sc + oc;
+            if (e + 8 <= end && e < row_end) { /* straddles row_end */
+                float part[8];
+                for (int j = 0; j < 8; j++) {
+                    int64_t cj = ((e + j) / S) % C;
+                    part[j] = (x[e + j] - center[cj]) * scale[cj] + offset[cj];
+                }
+                _mm256_stream_ps(y + e, _mm256_loadu_ps(part));
+                e += 8;
+            }
+        }
+        for (; e < end; e++) {
+            int64_t c = (e / S) % C;
+            y[e] = (x[e] - center[c]) * scale[c] + offset[c];
         }
     }
     _mm_sfence();
@@ -131,21 +146,34 @@ static void input_grad_rows_stream(const float *dy, const float *x, float *dx, i
             for (; c < C; c++) dr[c] = gr[c] * gain[c] + offset[c] - (xr[c] - center[c]) * slope[c];
         }
     } else {
-        for (int64_t row = r0; row < r1; row++) {
-            int64_t c = row % C;
-            const float mc = center[c], gc = gain[c], oc = offset[c], sc = slope[c];
-            const __m256 vm = _mm256_set1_ps(mc), vg = _mm256_set1_ps(gc), vo = _mm256_set1_ps(oc),
-                         vs = _mm256_set1_ps(sc);
-            const float *xr = x + row * S, *gr = dy + row * S;
-            float *dr = dx + row * S;
-            int64_t s = 0;
-            for (; s < S && ((uintptr_t)(dr + s) & 31) != 0; s++) dr[s] = gr[s] * gc + oc - (xr[s] - mc) * sc;
-            for (; s + 8 <= S; s += 8) {
-                __m256 g = _mm256_add_ps(_mm256_mul_ps(_mm256_loadu_ps(gr + s), vg), vo);
-                __m256 u = _mm256_sub_ps(_mm256_loadu_ps(xr + s), vm);
-                _mm256_stream_ps(dr + s, _mm256_sub_ps(g, _mm256_mul_ps(u, vs)));
+        /* Channels-first: one run of aligned vectors over the rows' elements, as in affine_rows_stream. */
+        int64_t e = r0 * S, end = r1 * S;
+        for (; e < end && ((uintptr_t)(dx + e) & 31) != 0; e++) {
+            int64_t c = (e / S) % C;
+            dx[e] = dy[e] * gain[c] + offset[c] - (x[e] - center[c]) * slope[c];
+        }
+        while (e + 8 <= end) {
+            int64_t row = e / S, row_end = (row + 1) * S, c = row % C;
+            const __m256 vm = _mm256_set1_ps(center[c]), vg = _mm256_set1_ps(gain[c]), vo = _mm256_set1_ps(offset[c]),
+                         vs = _mm256_set1_ps(slope[c]);
+            for (; e + 8 <= row_end && e + 8 <= end; e += 8) {
+                __m256 g = _mm256_add_ps(_mm256_mul_ps(_mm256_loadu_ps(dy + e), vg), vo);
+                __m256 u = _mm256_sub_ps(_mm256_loadu_ps(x + e), vm);
+                _mm256_stream_ps(dx + e, _mm256_sub_ps(g, _mm256_mul_ps(u, vs)));
             }
-            for (; s < S; s++) dr[s] = gr[s] * gc + oc - (xr[s] - mc) * sc;
+            if (e + 8 <= end && e < row_end) {
+                float part[8];
+                for (int j = 0; j < 8; j++) {
+                    int64_t cj = ((e + j) / S) % C;
+                    part[j] = dy[e + j] * gain[cj] + offset[cj] - (x[e + j] - center[cj]) * slope[cj];
+                }
+                _mm256_stream_ps(dx + e, _mm256_loadu_ps(part));
+                e += 8;
+            }
+        }
+        for (; e < end; e++) {
+            int64_t c = (e / S) % C;
+            dx[e] = dy[e] * gain[c] + offset[c] - (x[e] - center[c]) * slope[c];
         }
     }
     _mm_sfence();
