@@ -447,10 +447,13 @@ def batch_norm_with_status(
         # fallback, after the full argument checks below, which word any error.
         if type(eps) is float and type(axis) is int and (nonfinite == "raise" or nonfinite == "skip"):
             if not training:
-                try:
-                    output = native.inference(input, running_mean, running_var, weight, bias, axis, eps)  # type: ignore[arg-type]
-                except TypeError:  # an argument of a type the operator's schema refuses
-                    output = None
+                if running_mean is None or running_var is None:
+                    output = None  # an error, worded by the checks below
+                else:
+                    try:
+                        output = native.inference(input, running_mean, running_var, weight, bias, axis, eps)  # type: ignore[arg-type]
+                    except TypeError:  # an argument of a type the operator's schema refuses
+                        output = None
                 if output is not None:
                     return output, False
             elif momentum is None or (type(momentum) is float and 0.0 <= momentum <= 1.0):

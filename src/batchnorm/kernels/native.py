@@ -78,8 +78,6 @@ __all__ = [
     "library_path",
     "supports",
     "train",
-    "train_backward",
-    "train_forward",
 ]
 
 logger = logging.getLogger(__name__)
@@ -288,14 +286,12 @@ _library = _Library()
 
 def _bind() -> bool:
     """Look the operators up once; call them below the ``OpOverload`` wrapper, whose ``__call__`` costs ~0.5 us."""
-    global _train, _forward, _backward, _inference, _stats, _normalize, _grad_sums, _grad_input
+    global _train, _inference, _stats, _normalize, _grad_sums, _grad_input
     ops = torch.ops.batchnorm
-    _train, _forward, _backward, _inference, _stats, _normalize, _grad_sums, _grad_input = (
+    _train, _inference, _stats, _normalize, _grad_sums, _grad_input = (
         getattr(overload, "_op", overload)
         for overload in (
             ops.train.default,
-            ops.forward.default,
-            ops.backward.default,
             ops.inference.default,
             ops.stats.default,
             ops.normalize.default,
@@ -307,8 +303,6 @@ def _bind() -> bool:
 
 
 _train: Any = None
-_forward: Any = None
-_backward: Any = None
 _inference: Any = None
 _stats: Any = None
 _normalize: Any = None
@@ -400,46 +394,6 @@ def train(
         x, weight, bias, running_mean, running_var, counter, axis, -1.0 if momentum is None else momentum, eps
     )
     return result
-
-
-def train_forward(
-    x: Tensor, shape: tuple[int, int, int], weight: Tensor | None, bias: Tensor | None, eps: float
-) -> tuple[Tensor, Tensor]:
-    """Training forward without autograd or buffers: ``(y, stats)``, ``stats`` rows mean, inv_std, biased var.
-
-    ``x`` must be a contiguous ``(B, C, S)`` tensor (``shape``) of a supported dtype; weight and bias
-    contiguous ``(C,)`` CPU tensors of its accumulation dtype. Anything else raises ``RuntimeError``.
-
-    Shape:
-        - x, y: ``(B, C, S)``; weight, bias: ``(C,)``; stats: ``(3, C)``.
-    """
-    if _forward is None:
-        _require()
-    result: tuple[Tensor, Tensor] = _forward(x, weight, bias, shape, eps)
-    return result
-
-
-def train_backward(
-    grad_output: Tensor,
-    x: Tensor,
-    shape: tuple[int, int, int],
-    stats: Tensor,
-    weight: Tensor | None,
-    need_input_grad: bool = True,
-) -> tuple[Tensor | None, Tensor, Tensor]:
-    """Training backward: ``(dx or None, dweight, dbias)``, the last two in the accumulation dtype.
-
-    ``stats`` holds mean and inv_std in its first two rows (:func:`train_forward`'s). ``x`` must be
-    a contiguous ``(B, C, S)`` tensor, ``grad_output`` of its shape and dtype (any strides); anything
-    else raises ``RuntimeError``.
-
-    Shape:
-        - grad_output, x, dx: ``(B, C, S)``; stats: ``(2, C)`` or ``(3, C)``; weight, dweight, dbias: ``(C,)``.
-    """
-    if _backward is None:
-        _require()
-    grad_input, grad_weight, grad_bias = _backward(grad_output, x, stats, weight, shape, need_input_grad)
-    return (grad_input if need_input_grad else None), grad_weight, grad_bias
 
 
 def inference(

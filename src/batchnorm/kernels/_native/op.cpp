@@ -1,18 +1,19 @@
 // PyTorch operators over the C kernels of batchnorm.c, with their autograd in C++.
 //
-//   batchnorm::train      training forward, running-statistics update included; differentiable
-//                         (first derivatives by the native backward kernel, higher ones by a
-//                         composite of ATen operations); returns (None, -1) for arguments it does
-//                         not take as they are, having done nothing
-//   batchnorm::inference  eval forward, None when a gradient is needed or the arguments do not fit
-//   batchnorm::forward    training forward returning (y, stats = [mean; inv_std; var]), no autograd
-//   batchnorm::backward   (dx, dweight, dbias) from (dy, x, stats), no autograd
+//   batchnorm::train      the fused route's training forward, running-statistics update included;
+//                         differentiable (first derivatives by the native backward kernel, i.e.
+//                         grad_sums + grad_input in one call; higher ones, and batched gradients, by a
+//                         composite of ATen operations); returns (None, -1) for arguments it does not
+//                         take as they are, having done nothing
+//   batchnorm::inference  the fused route's eval forward, None when a gradient is needed or the
+//                         arguments do not fit
+//   batchnorm::stats, normalize, grad_sums, grad_input
+//                         the four primitives of batchnorm.kernels (no autograd), None when declined
 //
 // The kernels read an input whose memory is a dense (B, C, S) block (contiguous, or features
 // innermost with the other axes dense) and per-feature tensors that are contiguous (C,) CPU
-// tensors of the accumulation dtype (float32; float64 for float64 inputs). train and inference
-// check that themselves (cheaply, in C++) and decline otherwise; forward and backward are given
-// such tensors by batchnorm/kernels.py.
+// tensors of the accumulation dtype (float32; float64 for float64 inputs). Every operator checks
+// that itself (cheaply, in C++) and declines otherwise.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/csrc/autograd/custom_function.h>
@@ -334,43 +335,6 @@ std::optional<Tensor> inference(const Tensor &x, const Tensor &running_mean, con
     return y;
 }
 
-// The checks of the raw operators (forward, backward), which read what they are given: a contiguous
-// (B, C, S) input and per-feature tensors as the kernels take them; anything else is an error.
-void check_raw(const Tensor &x, const Sizes &s, std::initializer_list<std::optional<Tensor>> vectors) {
-    TORCH_CHECK(supported(x), "batchnorm native kernels: unsupported dtype ", x.scalar_type());
-    TORCH_CHECK(x.is_contiguous() && plain_tensor(x), "batchnorm native kernels: expected a contiguous (B, C, S) input");
-    for (const auto &v : vectors)
-        TORCH_CHECK(plain_vector(v, accumulation(x), s.features),
-                    "batchnorm native kernels: per-feature tensors must be contiguous (C,) CPU tensors of dtype ",
-                    accumulation(x));
-}
-
-std::tuple<Tensor, Tensor> forward(const Tensor &x, const std::optional<Tensor> &weight,
-                                   const std::optional<Tensor> &bias, at::IntArrayRef sizes, double eps) {
-    Sizes s = unpack(sizes, x);
-    check_raw(x, s, {weight, bias});
-    TORCH_CHECK(eps > 0, "batchnorm native kernels: eps must be positive");
-    Tensor y = at::empty_like(x);
-    Tensor stats = at::empty({3, s.features}, x.options().dtype(accumulation(x)));
-    run_forward(x, y, s, value_or_undefined(weight), value_or_undefined(bias), stats, Tensor(), Tensor(), 0.0,
-                Tensor(), eps);
-    return {y, stats};
-}
-
-std::tuple<Tensor, Tensor, Tensor> backward(const Tensor &dy, const Tensor &x, const Tensor &stats,
-                                            const std::optional<Tensor> &weight, at::IntArrayRef sizes,
-                                            bool need_input) {
-    Sizes s = unpack(sizes, x);
-    check_raw(x, s, {weight});
-    TORCH_CHECK(dy.scalar_type() == x.scalar_type() && dy.sizes() == x.sizes() && dy.device().is_cpu(),
-                "batchnorm native kernels: dy must match x in shape and dtype");
-    TORCH_CHECK(stats.scalar_type() == accumulation(x) && stats.dim() == 2 && stats.size(0) >= 2 &&
-                    stats.size(1) == s.features && stats.is_contiguous() && stats.device().is_cpu(),
-                "batchnorm native kernels: stats must be a contiguous (2 or 3, C) tensor of dtype ", accumulation(x));
-    return run_backward(dy, x, s, stats, value_or_undefined(weight), need_input);
-}
-
-
 // --- the four primitives (batchnorm.kernels): None when the kernels do not take the arguments as they are ---
 
 // Per-feature (mean, biased var) as a (2, C) tensor of the accumulation dtype.
@@ -463,9 +427,6 @@ TORCH_LIBRARY(batchnorm, m) {
     m.def("supports(int dtype) -> bool");
     m.def("train(Tensor x, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, Tensor(b!)? running_var, "
           "Tensor(c!)? counter, int axis, float momentum, float eps) -> (Tensor?, int)");
-    m.def("forward(Tensor x, Tensor? weight, Tensor? bias, int[] sizes, float eps) -> (Tensor, Tensor)");
-    m.def("backward(Tensor dy, Tensor x, Tensor stats, Tensor? weight, int[] sizes, bool need_input) "
-          "-> (Tensor, Tensor, Tensor)");
     m.def("inference(Tensor x, Tensor running_mean, Tensor running_var, Tensor? weight, Tensor? bias, int axis, "
           "float eps) -> Tensor?");
     m.def("stats(Tensor x, int axis) -> Tensor?");
@@ -477,8 +438,6 @@ TORCH_LIBRARY(batchnorm, m) {
 
 TORCH_LIBRARY_IMPL(batchnorm, CompositeImplicitAutograd, m) {
     m.impl("train", train);
-    m.impl("forward", forward);
-    m.impl("backward", backward);
     m.impl("inference", inference);
     m.impl("supports", supports);
     m.impl("stats", stats);
