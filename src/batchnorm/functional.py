@@ -451,7 +451,7 @@ def batch_norm_with_status(
                     output = None  # an error, worded by the checks below
                 else:
                     try:
-                        output = native.inference(input, running_mean, running_var, weight, bias, axis, eps)  # type: ignore[arg-type]
+                        output = native.inference(input, running_mean, running_var, weight, bias, axis, eps)
                     except TypeError:  # an argument of a type the operator's schema refuses
                         output = None
                 if output is not None:
