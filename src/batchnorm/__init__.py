@@ -8,12 +8,13 @@ Import as ``import batchnorm as bn``:
   :class:`BatchNorm3d`: drop-in modules; :func:`convert` swaps torch's for ours.
 - :class:`BatchNormAct`: BN fused with an activation, saving half the memory for backward.
 - :func:`explain`: what every BN layer of a model computes on a real batch.
-- :mod:`batchnorm.kernels` (which kernels a call gets) and :mod:`batchnorm.kernels.native`
+- :mod:`batchnorm.kernels`: the four primitives (``stats``, ``normalize``, ``grad_sums``,
+  ``grad_input``), their backends and the dispatch point (which route a call gets) and :mod:`batchnorm.kernels.native`
   (the native CPU kernels, compiled once on this machine).
 """
 
 from batchnorm import functional, kernels, reference
-from batchnorm.functional import NonfiniteBatchError
+from batchnorm.functional import BatchNormArgumentError, NonfiniteBatchError
 from batchnorm.kernels import native
 from batchnorm.lab.explain import explain
 from batchnorm.nn.batchnorm import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d, convert, is_batch_norm
@@ -27,6 +28,7 @@ __all__ = [
     "BatchNorm2d",
     "BatchNorm3d",
     "BatchNormAct",
+    "BatchNormArgumentError",
     "NonfiniteBatchError",
     "__version__",
     "convert",
