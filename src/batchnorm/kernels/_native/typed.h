@@ -182,8 +182,10 @@ static void FN(sums_rows)(const T *x, const T *dy, int64_t r0, int64_t r1, int64
 /* Channels-first pair of sums (same two modes) over one row of S positions, in double. */
 static void FN(sums_row)(const T *xr, const T *gr, int64_t S, A kc, double *t1, double *t2) {
     double r1 = 0.0, r2 = 0.0;
-    for (int64_t s0 = 0; s0 < S; s0 += SPAN) {
-        int64_t n = S - s0 < SPAN ? S - s0 : SPAN;
+    /* A row of up to 2 * SPAN values is one span: its partial sums are reduced once, not twice. */
+    const int64_t span = S <= 2 * SPAN ? S : SPAN;
+    for (int64_t s0 = 0; s0 < S; s0 += span) {
+        int64_t n = S - s0 < span ? S - s0 : span;
         A v1[LANES], v2[LANES];
         for (int j = 0; j < LANES; j++) {
             v1[j] = 0;
@@ -217,7 +219,15 @@ static void FN(sums_row)(const T *xr, const T *gr, int64_t S, A kc, double *t1, 
                 v2[0] += g * (LOAD(xr[s0 + s]) - kc);
             }
         }
-        for (int j = 0; j < LANES; j++) {
+        /* The partial sums folded to 8 lanes with vector adds, then into double: a short row's reduction
+           no longer costs as much as the row itself. */
+        for (int b = 8; b < LANES; b += 8) {
+            for (int j = 0; j < 8; j++) {
+                v1[j] += v1[b + j];
+                v2[j] += v2[b + j];
+            }
+        }
+        for (int j = 0; j < 8; j++) {
             r1 += (double)v1[j];
             r2 += (double)v2[j];
         }
