@@ -200,10 +200,65 @@ static inline uint16_t bf16_store(float f) {
     return (uint16_t)(f != f ? 0x7fc0u : rounded); /* NaN as PyTorch writes it */
 }
 
+#if defined(__AVX2__)
+#define HAVE_BF16_AVX2 1
+/* 8 bfloat16 -> 8 float. */
+static inline __m256 bf16_load8(const uint16_t *p) {
+    __m128i h = _mm_loadu_si128((const __m128i *)p);
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+/* 8 float -> 8 bfloat16, rounded to nearest even, NaN as 0x7fc0: bf16_store on a vector. */
+static inline __m128i bf16_pack8(__m256 v) {
+    __m256i bits = _mm256_castps_si256(v);
+    __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+    __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(bits, _mm256_set1_epi32(0x7fff)), lsb), 16);
+    __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    rounded = _mm256_blendv_epi8(rounded, _mm256_set1_epi32(0x7fc0), nan);
+    return _mm_packus_epi32(_mm256_castsi256_si128(rounded), _mm256_extracti128_si256(rounded, 1));
+}
+
+/* affine_rows for bfloat16 with explicit vectors: the compiler's version of the rounding store ran at
+   about half the speed (eval of bfloat16 inputs at 0.8-0.95x PyTorch's, 1.2x with these). */
+static void affine_rows_bf16_avx2(const uint16_t *x, uint16_t *y, int64_t r0, int64_t r1, int64_t C, int64_t S,
+                                  const float *center, const float *scale, const float *offset) {
+    if (S == 1) {
+        for (int64_t m = r0; m < r1; m++) {
+            const uint16_t *xr = x + m * C;
+            uint16_t *yr = y + m * C;
+            int64_t c = 0;
+            for (; c + 8 <= C; c += 8) {
+                __m256 v = _mm256_sub_ps(bf16_load8(xr + c), _mm256_loadu_ps(center + c));
+                v = _mm256_fmadd_ps(v, _mm256_loadu_ps(scale + c), _mm256_loadu_ps(offset + c));
+                _mm_storeu_si128((__m128i *)(yr + c), bf16_pack8(v));
+            }
+            for (; c < C; c++) yr[c] = bf16_store((bf16_load(xr[c]) - center[c]) * scale[c] + offset[c]);
+        }
+    } else {
+        for (int64_t row = r0; row < r1; row++) {
+            int64_t c = row % C;
+            const float mc = center[c], sc = scale[c], oc = offset[c];
+            const __m256 vm = _mm256_set1_ps(mc), vs = _mm256_set1_ps(sc), vo = _mm256_set1_ps(oc);
+            const uint16_t *xr = x + row * S;
+            uint16_t *yr = y + row * S;
+            int64_t s = 0;
+            for (; s + 8 <= S; s += 8) {
+                __m256 v = _mm256_fmadd_ps(_mm256_sub_ps(bf16_load8(xr + s), vm), vs, vo);
+                _mm_storeu_si128((__m128i *)(yr + s), bf16_pack8(v));
+            }
+            for (; s < S; s++) yr[s] = bf16_store((bf16_load(xr[s]) - mc) * sc + oc);
+        }
+    }
+}
+#else
+#define HAVE_BF16_AVX2 0
+#endif
+
 #define CAT2(a, b) a##_##b
 #define CAT(a, b) CAT2(a, b)
 #define FN(name) CAT(name, SUFFIX)
 
+#define AFFINE_ROWS FN(affine_rows)
 #define T float
 #define A float
 #define LOAD(v) (v)
@@ -248,7 +303,13 @@ static inline uint16_t bf16_store(float f) {
 #define LOAD(v) bf16_load(v)
 #define STORE(v) bf16_store(v)
 #define SUFFIX bf16
+#if HAVE_BF16_AVX2
+#undef AFFINE_ROWS
+#define AFFINE_ROWS affine_rows_bf16_avx2
+#endif
 #include "typed.h"
+#undef AFFINE_ROWS
+#define AFFINE_ROWS FN(affine_rows)
 #undef T
 #undef A
 #undef LOAD

@@ -7,6 +7,8 @@
  *   LOAD(v)    T -> A
  *   STORE(v)   A -> T, rounded to nearest even
  *   FN(name)   name##_<type>
+ *   AFFINE_ROWS  the function writing rows of y = (x - center) * scale + offset: FN(affine_rows), or a
+ *              hand-vectorized one (bfloat16 on AVX2)
  *   STREAMING, STREAM_AFFINE, STREAM_INPUT_GRAD
  *              1 and the float32 streaming-store versions of affine_rows and input_grad_rows,
  *              or 0 and the plain ones (for the other types)
@@ -317,7 +319,7 @@ static void FN(affine)(const T *x, T *y, int64_t B, int64_t C, int64_t S, const 
         if (stream)
             STREAM_AFFINE(x, y, 0, rows, C, S, center, scale, offset);
         else
-            FN(affine_rows)(x, y, 0, rows, C, S, center, scale, offset);
+            AFFINE_ROWS(x, y, 0, rows, C, S, center, scale, offset);
         return;
     }
 #pragma omp parallel num_threads(threads)
@@ -327,7 +329,7 @@ static void FN(affine)(const T *x, T *y, int64_t B, int64_t C, int64_t S, const 
         if (stream)
             STREAM_AFFINE(x, y, r0, r1, C, S, center, scale, offset);
         else
-            FN(affine_rows)(x, y, r0, r1, C, S, center, scale, offset);
+            AFFINE_ROWS(x, y, r0, r1, C, S, center, scale, offset);
     }
 }
 
