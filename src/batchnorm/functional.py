@@ -118,26 +118,6 @@ def _check_arguments(
         BatchNormArgumentError: (a ``ValueError`` and a ``RuntimeError``) with a
             message naming what was expected and what was received.
     """
-    # The common valid call, in one expression; anything else takes the checks below, which word the errors.
-    if isinstance(input, Tensor) and type(axis) is int and type(eps) is float and eps > 0:
-        ndim = input.dim()
-        if -ndim <= axis < ndim and input.is_floating_point():
-            feature = axis % ndim
-            shape = (input.shape[feature],)
-            if (
-                (momentum is None or not training or (type(momentum) is float and 0.0 <= momentum <= 1.0))
-                and (running_mean is None) == (running_var is None)
-                and (running_mean is None or (isinstance(running_mean, Tensor) and running_mean.shape == shape))
-                and (running_var is None or (isinstance(running_var, Tensor) and running_var.shape == shape))
-                and (weight is None or (isinstance(weight, Tensor) and weight.shape == shape))
-                and (bias is None or (isinstance(bias, Tensor) and bias.shape == shape))
-                and (running_mean is None or running_mean.is_floating_point())
-                and (running_var is None or running_var.is_floating_point())
-                and (weight is None or weight.is_floating_point())
-                and (bias is None or bias.is_floating_point())
-                and (input.numel() != shape[0] if training else running_mean is not None)
-            ):
-                return feature
     if not isinstance(input, Tensor):
         raise BatchNormArgumentError(f"expected input to be a torch.Tensor, got {type(input).__name__}")
     if not input.is_floating_point():
@@ -250,7 +230,7 @@ class BatchNormFunction(torch.autograd.Function):
         feature, count = ctx.feature, ctx.count
         if torch.is_grad_enabled() or kernels._transformed(grad_output):
             # Differentiable: the statistics as functions of x, through the torch_ops primitives.
-            compute = torch.float64 if ctx.backend == "exact" else kernels.accumulation_dtype(x.dtype)
+            compute = kernels._compute(x, ctx.backend)
             _, mean, m2 = kernels.torch_ops.stats(x, feature, compute)
             invstd = torch.rsqrt(m2 / count + ctx.eps)
             sum_dy, sum_dy_xhat = kernels.torch_ops.grad_sums(grad_output, x, mean, invstd, feature, compute)
@@ -367,7 +347,7 @@ def _composite_training(
     input: Tensor, feature: int, weight: Tensor | None, bias: Tensor | None, eps: float, backend: str
 ) -> tuple[Tensor, Tensor, Tensor, int]:
     """``(y, mean, var, count)`` from the ``torch_ops`` primitives, differentiated by PyTorch itself."""
-    compute = torch.float64 if backend == "exact" else kernels.accumulation_dtype(input.dtype)
+    compute = kernels._compute(input, backend)
     count, mean, m2 = kernels.torch_ops.stats(input, feature, compute)
     var = m2 / max(count, 1)
     invstd = torch.rsqrt(var + eps)
@@ -399,9 +379,9 @@ def _training(
         if num_batches_tracked is not None:
             num_batches_tracked.add_(1)
         return y, False
-    host_checks = chosen.host_checks and not kernels._transformed(mean)  # host_checks is False while traced
+    # host_checks: False while traced or transformed (plan saw the input, and the statistics derive from it).
     updated = _update_running_stats(
-        running_mean, running_var, mean, var, count, momentum, num_batches_tracked, nonfinite, host_checks
+        running_mean, running_var, mean, var, count, momentum, num_batches_tracked, nonfinite, chosen.host_checks
     )
     return y, updated
 
@@ -417,7 +397,7 @@ def _inference(
     eps: float,
 ) -> Tensor:
     """Algorithm 2: ``y = (x - running_mean) / sqrt(running_var + eps) * weight + bias``."""
-    compute = torch.float64 if chosen.backend == "exact" else kernels.accumulation_dtype(input.dtype)
+    compute = kernels._compute(input, chosen.backend)
     # The running statistics are constants of the map (torch's op has no derivative for them either).
     invstd = torch.rsqrt(running_var.detach().to(compute) + eps)
     return kernels.torch_ops.normalize(input, running_mean.detach(), invstd, weight, bias, feature, compute)

@@ -197,9 +197,13 @@ class Plan:
 
 _peek_transforms = torch._C._functorch.peek_interpreter_stack
 _is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
-
-
+_is_grad_tracking = torch._C._functorch.is_gradtrackingtensor
 _is_legacy_batched = torch._C._functorch.is_legacy_batchedtensor
+
+
+def _has_tangent(t: Tensor) -> bool:
+    """A forward-mode tangent on ``t`` (``make_dual``); none can exist outside a dual level."""
+    return forward_ad._current_level >= 0 and forward_ad.unpack_dual(t).tangent is not None  # type: ignore[no-untyped-call]
 
 
 def _transformed(t: Tensor | None) -> bool:
@@ -209,21 +213,19 @@ def _transformed(t: Tensor | None) -> bool:
         return False
     if _is_legacy_batched(t):
         return True
-    # Neither exists outside a transform or a forward-AD dual level: two cheap global checks first.
+    # A wrapper exists only inside a transform: a cheap global check first.
     if _peek_transforms() is not None and _is_wrapped(t):
         return True
-    if forward_ad._current_level < 0:
-        return False
-    return forward_ad.unpack_dual(t).tangent is not None  # type: ignore[no-untyped-call]
+    return _has_tangent(t)
 
 
 def _dual(t: Tensor | None) -> bool:
     """A tensor carrying a forward-mode tangent (``make_dual`` or ``torch.func.jvp``)."""
     if t is None:
         return False
-    if _peek_transforms() is not None and torch._C._functorch.is_gradtrackingtensor(t):
+    if _peek_transforms() is not None and _is_grad_tracking(t):
         return True  # a jvp or grad wrapper (a vmap-batched buffer is not differentiated)
-    return forward_ad._current_level >= 0 and forward_ad.unpack_dual(t).tangent is not None  # type: ignore[no-untyped-call]
+    return _has_tangent(t)
 
 
 _is_compiling = torch.compiler.is_compiling
@@ -284,7 +286,7 @@ def plan(
     5. otherwise (another device, no compiler, ``BATCHNORM_NATIVE=0``):
        ``function`` (training) / ``composite`` (eval) on PyTorch operations.
     """
-    if _is_compiling() or _tracing_state() is not None:
+    if _tracing():
         return _COMPOSITE["traced"]  # no logging: a tracer cannot follow it
     # Outside transforms and forward-AD dual levels nothing is wrapped or dual: two global checks.
     plain = _peek_transforms() is None and forward_ad._current_level < 0

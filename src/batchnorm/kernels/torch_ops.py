@@ -25,14 +25,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["grad_input", "grad_sums", "normalize", "stats"]
+__all__ = ["grad_input", "grad_sums", "normalize", "per_feature", "stats"]
 
 
 def _reduced(x: Tensor, feature: int) -> list[int]:
     return [d for d in range(x.dim()) if d != feature]
 
 
-def _broadcast(vector: Tensor, x: Tensor, feature: int) -> Tensor:
+def per_feature(vector: Tensor, x: Tensor, feature: int) -> Tensor:
+    """``vector`` (``(C,)``) viewed to broadcast against ``x`` with its features on ``feature``: ``(1, C, 1, 1)``."""
     shape = [1] * x.dim()
     shape[feature] = vector.shape[0]
     return vector.view(shape)
@@ -67,11 +68,11 @@ def normalize(
         - x, y: ``(*, C, *)`` with ``C`` at ``feature``; mean, invstd, weight, bias: ``(C,)``.
     """
     scale = invstd.to(compute) if weight is None else invstd.to(compute) * weight.to(compute)
-    centered = x.to(compute) - _broadcast(mean.to(compute), x, feature)
+    centered = x.to(compute) - per_feature(mean.to(compute), x, feature)
     if bias is None:
-        y = centered * _broadcast(scale, x, feature)
+        y = centered * per_feature(scale, x, feature)
     else:
-        y = torch.addcmul(_broadcast(bias.to(compute), x, feature), centered, _broadcast(scale, x, feature))
+        y = torch.addcmul(per_feature(bias.to(compute), x, feature), centered, per_feature(scale, x, feature))
     return y.to(x.dtype)
 
 
@@ -85,7 +86,7 @@ def grad_sums(
     """
     dims = _reduced(x, feature)
     g = dy.to(compute)
-    centered = x.to(compute) - _broadcast(mean.to(compute), x, feature)
+    centered = x.to(compute) - per_feature(mean.to(compute), x, feature)
     sum_dy = g.sum(dim=dims)
     sum_dy_centered = (g * centered).sum(dim=dims)
     return sum_dy, sum_dy_centered * invstd.to(compute)
@@ -112,8 +113,8 @@ def grad_input(
     """
     inv = invstd.to(compute)
     gain = inv if weight is None else inv * weight.to(compute)
-    x_hat = (x.to(compute) - _broadcast(mean.to(compute), x, feature)) * _broadcast(inv, x, feature)
+    x_hat = (x.to(compute) - per_feature(mean.to(compute), x, feature)) * per_feature(inv, x, feature)
     mean_dy = sum_dy.to(compute) / count
     mean_dy_xhat = sum_dy_xhat.to(compute) / count
-    inner = dy.to(compute) - _broadcast(mean_dy, x, feature) - x_hat * _broadcast(mean_dy_xhat, x, feature)
-    return (inner * _broadcast(gain, x, feature)).to(dy.dtype)
+    inner = dy.to(compute) - per_feature(mean_dy, x, feature) - x_hat * per_feature(mean_dy_xhat, x, feature)
+    return (inner * per_feature(gain, x, feature)).to(dy.dtype)

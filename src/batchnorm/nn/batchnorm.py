@@ -166,18 +166,18 @@ class BatchNorm(nn.modules.batchnorm._BatchNorm):
             running_mean, running_var, counter = self.running_mean, self.running_var, self.num_batches_tracked
         if self.training and not self.track_running_stats:
             running_mean = running_var = counter = None  # batch statistics, buffers left alone
-        use_batch_stats = self.training or running_mean is None
+        # In eval, running statistics when there are any (also with tracking switched off, as torch).
         return batch_norm(
             input,
-            running_mean if not use_batch_stats or self.training else None,
-            running_var if not use_batch_stats or self.training else None,
+            running_mean,
+            running_var,
             weight,
             bias,
-            use_batch_stats,
+            self.training or running_mean is None,
             self.momentum,
             self.eps,
             self.axis,
-            num_batches_tracked=counter if self.training else None,
+            num_batches_tracked=counter,
             nonfinite=self.nonfinite,
         )
 

@@ -41,6 +41,7 @@ import torch
 from torch import Tensor
 
 from batchnorm import functional, kernels
+from batchnorm.kernels.torch_ops import per_feature
 from batchnorm.nn.batchnorm import BatchNorm
 
 __all__ = ["ACTIVATIONS", "BatchNormAct", "batch_norm_act"]
@@ -86,12 +87,6 @@ def _inverse(a: Tensor, activation: str, negative_slope: float) -> Tensor:
 
 def _invertible(activation: str, negative_slope: float) -> bool:
     return activation in ("sigmoid", "tanh") or (activation == "leaky_relu" and negative_slope > 0)
-
-
-def _broadcast(vector: Tensor, like: Tensor, feature: int) -> Tensor:
-    shape = [1] * like.dim()
-    shape[feature] = vector.shape[0]
-    return vector.view(shape)
 
 
 class _BatchNormActFunction(torch.autograd.Function):
@@ -143,13 +138,13 @@ class _BatchNormActFunction(torch.autograd.Function):
             a = saved.to(acc)
             z = _inverse(a, ctx.activation, ctx.negative_slope)
             if bias is not None:
-                z = z - _broadcast(bias.to(acc), z, feature)
-            x_hat = z if weight is None else z / _broadcast(weight.to(acc), z, feature)
+                z = z - per_feature(bias.to(acc), z, feature)
+            x_hat = z if weight is None else z / per_feature(weight.to(acc), z, feature)
         else:
-            x_hat = (saved.to(acc) - _broadcast(mean, saved, feature)) * _broadcast(inv_std, saved, feature)
-            z = x_hat if weight is None else x_hat * _broadcast(weight.to(acc), x_hat, feature)
+            x_hat = (saved.to(acc) - per_feature(mean, saved, feature)) * per_feature(inv_std, saved, feature)
+            z = x_hat if weight is None else x_hat * per_feature(weight.to(acc), x_hat, feature)
             if bias is not None:
-                z = z + _broadcast(bias.to(acc), z, feature)
+                z = z + per_feature(bias.to(acc), z, feature)
             a = _activate(z, ctx.activation, ctx.negative_slope)
         grad_z = grad_output.to(acc) * _derivative_from_output(a, ctx.activation, ctx.negative_slope)
         # The primitives on x_hat itself (mean 0, inverse std 1) with the gain in place of the weight.
