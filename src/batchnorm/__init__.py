@@ -7,6 +7,7 @@ Import as ``import batchnorm as bn``:
 - :class:`BatchNorm`, :class:`BatchNorm1d`, :class:`BatchNorm2d`,
   :class:`BatchNorm3d`: drop-in modules; :func:`convert` swaps torch's for ours.
 - :class:`BatchNormAct`: BN fused with an activation, saving half the memory for backward.
+- Variants: :class:`BatchRenorm`, :class:`GhostBatchNorm`, :class:`FrozenBatchNorm` and :func:`freeze`.
 - :func:`explain`: what every BN layer of a model computes on a real batch.
 - :mod:`batchnorm.kernels`: the four primitives (``stats``, ``normalize``, ``grad_sums``,
   ``grad_input``), their backends and the dispatch point (which route a call gets) and :mod:`batchnorm.kernels.native`
@@ -18,7 +19,10 @@ from batchnorm.functional import BatchNormArgumentError, NonfiniteBatchError
 from batchnorm.kernels import native
 from batchnorm.lab.explain import explain
 from batchnorm.nn.batchnorm import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d, convert, is_batch_norm
+from batchnorm.nn.frozen import FrozenBatchNorm, freeze
 from batchnorm.nn.fused import BatchNormAct
+from batchnorm.nn.ghost import GhostBatchNorm
+from batchnorm.nn.renorm import BatchRenorm
 
 __version__ = "0.1.0"
 
@@ -29,10 +33,14 @@ __all__ = [
     "BatchNorm3d",
     "BatchNormAct",
     "BatchNormArgumentError",
+    "BatchRenorm",
+    "FrozenBatchNorm",
+    "GhostBatchNorm",
     "NonfiniteBatchError",
     "__version__",
     "convert",
     "explain",
+    "freeze",
     "functional",
     "is_batch_norm",
     "kernels",
