@@ -8,6 +8,7 @@ Import as ``import batchnorm as bn``:
   :class:`BatchNorm3d`: drop-in modules; :func:`convert` swaps torch's for ours.
 - :class:`BatchNormAct`: BN fused with an activation, saving half the memory for backward.
 - Variants: :class:`BatchRenorm`, :class:`GhostBatchNorm`, :class:`FrozenBatchNorm` and :func:`freeze`.
+- Deployment: :func:`fold` (BN into the layer before it) and :func:`recalibrate` (precise BN statistics).
 - :func:`explain`: what every BN layer of a model computes on a real batch.
 - :mod:`batchnorm.kernels`: the four primitives (``stats``, ``normalize``, ``grad_sums``,
   ``grad_input``), their backends and the dispatch point (which route a call gets) and :mod:`batchnorm.kernels.native`
@@ -15,6 +16,7 @@ Import as ``import batchnorm as bn``:
 """
 
 from batchnorm import functional, kernels, reference
+from batchnorm.deploy import fold, recalibrate
 from batchnorm.functional import BatchNormArgumentError, NonfiniteBatchError
 from batchnorm.kernels import native
 from batchnorm.lab.explain import explain
@@ -40,10 +42,12 @@ __all__ = [
     "__version__",
     "convert",
     "explain",
+    "fold",
     "freeze",
     "functional",
     "is_batch_norm",
     "kernels",
     "native",
+    "recalibrate",
     "reference",
 ]
