@@ -1,7 +1,7 @@
 """The package's layout: who may import whom, read from the source with ``ast`` (nothing is imported).
 
 Floors, bottom to top: the core op (``_shapes``, ``reference``, ``functional``,
-``kernels``), the layers (``nn``), the lab (``lab``) and the command line
+``kernels``), the layers (``nn``), deployment (``deploy``), the lab (``lab``) and the command line
 (``cli``, with ``__main__`` for ``python -m batchnorm``). Imports go down
 only, there are no import cycles (imports inside functions included), only
 ``cli`` knows ``argparse``, and no module is named like a standard-library
@@ -19,6 +19,7 @@ import batchnorm
 PACKAGE = Path(batchnorm.__file__).parent
 CORE = ("batchnorm._shapes", "batchnorm.reference", "batchnorm.functional", "batchnorm.kernels")
 LAYERS = ("batchnorm.nn",)
+DEPLOY = ("batchnorm.deploy",)
 
 
 def _module_name(path: Path) -> str:
@@ -137,6 +138,26 @@ def test_the_core_and_the_layers_never_reach_the_lab_or_the_cli() -> None:
         if _within(target, ("batchnorm.lab", "batchnorm.cli")) or target == "batchnorm"
     )
     assert not offenders
+
+
+def test_deploy_sits_between_the_layers_and_the_lab() -> None:
+    assert {"batchnorm.nn.batchnorm", "batchnorm.kernels"} <= GRAPH["batchnorm.deploy"]
+    offenders = sorted(
+        f"{module} reaches {target}"
+        for module in SOURCES
+        if _within(module, DEPLOY)
+        for target in _reachable(module)
+        if _within(target, ("batchnorm.lab", "batchnorm.cli")) or target == "batchnorm"
+    )
+    assert not offenders
+    below = sorted(
+        f"{module} reaches {target}"
+        for module in SOURCES
+        if _within(module, CORE + LAYERS)
+        for target in _reachable(module)
+        if _within(target, DEPLOY)
+    )
+    assert not below
 
 
 def test_the_core_never_reaches_the_layers() -> None:
