@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from batchnorm.lab.data import DATASETS, Dataset, InputNormalizer, load_dataset
+from batchnorm.lab.data import DATASETS, Dataset, InputNormalizer, load_dataset, split_validation
 
 
 @pytest.fixture(scope="module")
@@ -249,3 +249,53 @@ def test_unknown_input_normalization_is_rejected() -> None:
         InputNormalizer.fit("zscore", torch.zeros(2, 1, 2, 2))
     with pytest.raises(ValueError, match="malformed"):
         InputNormalizer.from_state_dict({"kind": "minmax", "shift": 0.0, "scale": 1.0})
+
+
+# --------------------------------------------------------------------------- validation split
+
+
+def test_validation_split_is_stratified_disjoint_and_follows_the_documented_rule(mnist5k: Dataset) -> None:
+    carved = split_validation(mnist5k, 0.1)
+    assert carved.val_images is not None
+    assert carved.val_labels is not None
+    # 10% of each digit's 400 training images: 40 per class, 400 in all; 3,600 left for training.
+    assert np.bincount(carved.val_labels.numpy(), minlength=10).tolist() == [40] * 10
+    assert np.bincount(carved.train_labels.numpy(), minlength=10).tolist() == [360] * 10
+    assert len(carved.test_images) == 1000
+    assert torch.equal(carved.test_images, mnist5k.test_images)
+
+    # The rule by hand: per class (increasing label), a default_rng(2016) permutation; the first 40 are held out.
+    labels = mnist5k.train_labels.numpy()
+    rng = np.random.default_rng(2016)
+    held: list[int] = []
+    for label in range(10):
+        members = np.flatnonzero(labels == label)
+        held += members[rng.permutation(len(members))[:40]].tolist()
+    held_sorted = np.array(sorted(held))
+    kept = np.setdiff1d(np.arange(len(labels)), held_sorted)
+    assert torch.equal(carved.val_images, mnist5k.train_images[held_sorted])
+    assert torch.equal(carved.train_images, mnist5k.train_images[kept])
+
+    # Disjoint as images too: no validation image equals a kept training image or a test image.
+    def rows(images: torch.Tensor) -> set[bytes]:
+        return {image.numpy().tobytes() for image in images}
+
+    val_rows = rows(carved.val_images)
+    assert not val_rows & rows(carved.train_images)
+    assert not val_rows & rows(carved.test_images)
+    # Fixed: the same split every time.
+    again = split_validation(load_dataset("mnist5k"), 0.1)
+    assert again.val_images is not None
+    assert torch.equal(again.val_images, carved.val_images)
+
+
+def test_validation_split_rejects_bad_fractions_and_zero_keeps_the_dataset(mnist5k: Dataset) -> None:
+    assert split_validation(mnist5k, 0.0) is mnist5k
+    for fraction in (-0.1, 1.0, float("nan")):
+        with pytest.raises(ValueError, match="--val-fraction must be"):
+            split_validation(mnist5k, fraction)
+    with pytest.raises(ValueError, match="already has a validation split"):
+        split_validation(split_validation(mnist5k, 0.1), 0.1)
+    tiny = load_dataset("synthetic")
+    with pytest.raises(ValueError, match="leaves 0 validation"):
+        split_validation(tiny, 0.001)

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 import batchnorm as bn
-from batchnorm.lab.models import ModelSpec, build_model, parse_init, parse_spec
+from batchnorm.lab.models import NORMS, ModelSpec, NormOptions, build_model, group_count, parse_init, parse_spec
 from batchnorm.reference import batch_norm_forward
 
 # --------------------------------------------------------------------------- spec parsing
@@ -61,7 +61,7 @@ def test_build_model_rejects_bad_spec_and_options() -> None:
         build_model("transformer:1-2")
     with pytest.raises(ValueError, match="widths must be positive"):
         build_model("mlp:64-0-10")
-    for option, value in (("activation", "gelu"), ("norm", "layer"), ("placement", "middle")):
+    for option, value in (("activation", "gelu"), ("norm", "instance"), ("placement", "middle")):
         with pytest.raises(ValueError, match=f"unknown {option} '{value}'"):
             build_model("mlp:64-32-10", **{option: value})
 
@@ -325,3 +325,99 @@ def test_init_with_seed_is_reproducible_and_default_init_is_torch() -> None:
     default = build_model("mlp:784-500-10", init="default")
     # torch's Linear default: U(-1/sqrt(fan_in), 1/sqrt(fan_in)), std = 1/sqrt(3 * fan_in).
     assert _sample_std(default.fc1.weight) == pytest.approx(1 / math.sqrt(3 * 784), rel=0.01)
+
+
+# --------------------------------------------------------------------------- other normalizations
+
+
+@pytest.mark.parametrize(
+    ("channels", "groups", "positions", "expected"),
+    [
+        pytest.param(100, 32, 1, 5, id="mlp-100: 5 groups of 20"),
+        pytest.param(32, 32, 1, 2, id="mlp-32: 2 groups of 16"),
+        pytest.param(16, 32, 784, 16, id="conv-16 on 28x28: one channel per group"),
+        pytest.param(64, 32, 49, 32, id="conv-64 on 7x7: capped at 32"),
+        pytest.param(100, 4, 1, 4, id="--groups 4"),
+        pytest.param(7, 32, 1, 1, id="too-small-for-two-groups"),
+    ],
+)
+def test_group_count_rule(channels: int, groups: int, positions: int, expected: int) -> None:
+    assert group_count(channels, groups, positions) == expected
+    # The rule by brute force: the largest divisor <= groups whose groups hold >= 16 values per example.
+    candidates = [g for g in range(1, groups + 1) if channels % g == 0 and channels // g * positions >= 16]
+    assert expected == max(candidates, default=1)
+
+
+def test_group_norm_layers_are_torch_group_norm_named_bn_and_sized_to_each_layer() -> None:
+    mlp = build_model("mlp:64-100-32-10", norm="group")
+    assert [name for name, _ in mlp.named_children()] == ["flatten", "fc1", "bn1", "act1", "fc2", "bn2", "act2", "out"]
+    assert type(mlp.bn1) is nn.GroupNorm
+    assert (mlp.bn1.num_groups, mlp.bn1.num_channels) == (5, 100)
+    assert type(mlp.bn2) is nn.GroupNorm
+    assert (mlp.bn2.num_groups, mlp.bn2.num_channels) == (2, 32)
+    assert mlp.bn1.weight.shape == (100,)
+    assert mlp.fc1.bias is None  # before placement: the norm's per-feature beta replaces the bias
+    assert not any(bn.is_batch_norm(module) for module in mlp.modules())
+    assert build_model("mlp:64-100-10", norm="group", norm_options=NormOptions(groups=4)).bn1.num_groups == 4
+    cnn = build_model("cnn:1-16-64-10", norm="group", image_size=28)
+    assert (cnn.bn1.num_groups, cnn.bn1.num_channels) == (16, 16)
+    assert (cnn.bn2.num_groups, cnn.bn2.num_channels) == (32, 64)
+    after = build_model("mlp:64-32-10", norm="group", placement="after")
+    assert [name for name, _ in after.named_children()][1:4] == ["fc1", "act1", "bn1"]
+    assert after.fc1.bias is not None
+
+
+def test_group_norm_mlp_forward_equals_numpy_group_statistics_per_example() -> None:
+    model = build_model("mlp:12-20-4", norm="group", activation="tanh", init="normal:0.5", seed=1)
+    assert model.bn1.num_groups == 1  # 20 features: no divisor leaves >= 16 per group except 1
+    model = build_model("mlp:12-40-4", norm="group", activation="tanh", init="normal:0.5", seed=1)
+    assert model.bn1.num_groups == 2
+    with torch.no_grad():
+        model.bn1.weight.uniform_(0.5, 1.5, generator=torch.Generator().manual_seed(2))
+        model.bn1.bias.uniform_(-0.5, 0.5, generator=torch.Generator().manual_seed(3))
+    x = torch.randn(5, 12, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    model = model.double()
+    z = x.numpy() @ model.fc1.weight.detach().numpy().T
+    groups = z.reshape(5, 2, 20)  # per example, two groups of 20 features
+    normalized = (groups - groups.mean(axis=2, keepdims=True)) / np.sqrt(groups.var(axis=2, keepdims=True) + 1e-5)
+    h = np.tanh(normalized.reshape(5, 40) * model.bn1.weight.detach().numpy() + model.bn1.bias.detach().numpy())
+    expected = h @ model.out.weight.detach().numpy().T + model.out.bias.detach().numpy()
+    np.testing.assert_allclose(model(x).detach().numpy(), expected, rtol=1e-10, atol=1e-12)
+
+
+def test_layer_norm_is_layernorm_on_features_and_groupnorm_of_one_group_on_maps() -> None:
+    mlp = build_model("mlp:64-32-16-10", norm="layer")
+    assert type(mlp.bn1) is nn.LayerNorm
+    assert mlp.bn1.normalized_shape == (32,)
+    assert type(mlp.bn2) is nn.LayerNorm
+    assert mlp.bn2.normalized_shape == (16,)
+    cnn = build_model("cnn:1-8-16-10", norm="layer", activation="relu", init="kaiming", seed=0).double()
+    assert type(cnn.bn1) is nn.GroupNorm
+    assert (cnn.bn1.num_groups, cnn.bn1.num_channels) == (1, 8)
+    assert (cnn.bn2.num_groups, cnn.bn2.num_channels) == (1, 16)
+    # Per example over (C, H, W), one gamma and beta per channel: checked in NumPy on the first block.
+    with torch.no_grad():
+        cnn.bn1.weight.uniform_(0.5, 1.5, generator=torch.Generator().manual_seed(2))
+        cnn.bn1.bias.uniform_(-0.5, 0.5, generator=torch.Generator().manual_seed(3))
+    captured: dict[str, torch.Tensor] = {}
+    cnn.bn1.register_forward_hook(lambda _m, inputs, output: captured.update(x=inputs[0], y=output))
+    cnn(torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(4), dtype=torch.float64))
+    x = captured["x"].detach().numpy()
+    mean = x.mean(axis=(1, 2, 3), keepdims=True)
+    var = x.var(axis=(1, 2, 3), keepdims=True)
+    gamma = cnn.bn1.weight.detach().numpy().reshape(1, 8, 1, 1)
+    beta = cnn.bn1.bias.detach().numpy().reshape(1, 8, 1, 1)
+    expected = (x - mean) / np.sqrt(var + 1e-5) * gamma + beta
+    np.testing.assert_allclose(captured["y"].detach().numpy(), expected, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("norm", [norm for norm in NORMS if norm != "none"])
+def test_every_norm_builds_mlp_and_cnn_with_bn_names_and_the_same_linear_weights(norm: str) -> None:
+    reference = build_model("mlp:64-32-16-10", norm="batch", init="normal:0.1", seed=5)
+    model = build_model("mlp:64-32-16-10", norm=norm, init="normal:0.1", seed=5)
+    assert [name for name, _ in model.named_children()] == [name for name, _ in reference.named_children()]
+    assert torch.equal(model.fc1.weight, reference.fc1.weight)
+    assert model(torch.randn(4, 1, 8, 8)).shape == (4, 10)
+    cnn = build_model("cnn:1-8-16-10", norm=norm, image_size=8)
+    assert {"bn1", "bn2"} <= {name for name, _ in cnn.named_children()}
+    assert cnn(torch.randn(4, 1, 8, 8)).shape == (4, 10)

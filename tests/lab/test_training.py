@@ -56,6 +56,20 @@ SMALL = TrainConfig(
 )
 
 
+def _carve_by_hand(labels: np.ndarray, fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """The documented validation rule written out: per class, default_rng(2016) permutation, first round(f*n) held."""
+    rng = np.random.default_rng(2016)
+    kept: list[int] = []
+    held: list[int] = []
+    for label in sorted(set(labels.tolist())):
+        members = [i for i, value in enumerate(labels.tolist()) if value == label]
+        order = rng.permutation(len(members))
+        cut = round(len(members) * fraction)
+        held += [members[j] for j in order[:cut]]
+        kept += [members[j] for j in order[cut:]]
+    return np.array(sorted(kept)), np.array(sorted(held))
+
+
 def _metrics(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
@@ -125,9 +139,11 @@ def test_checkpoint_loads_with_weights_only_and_reproduces_the_reported_metrics(
     state = payload["model"]
     assert int(state["bn1.num_batches_tracked"]) == 200
 
-    # The input normalization is stored with the checkpoint and was fit on the training split.
+    # The input normalization is stored with the checkpoint and was fit on the training examples actually
+    # used: the training split without its validation part (10% of each class, carved by hand here).
     data = load_dataset("synthetic")
-    train_images = data.train_images.double().numpy()
+    kept, _ = _carve_by_hand(data.train_labels.numpy(), 0.1)
+    train_images = data.train_images.double().numpy()[kept]
     normalizer = payload["normalizer"]
     assert normalizer["kind"] == "standardize"
     np.testing.assert_allclose(normalizer["shift"].double().numpy(), train_images.mean(axis=0), atol=1e-6)
@@ -433,3 +449,118 @@ def test_cnn_trains_on_synthetic_images(tmp_path: Path) -> None:
     assert result.steps == [30]
     assert result.final_accuracy > 0.2
     assert "bn2.running_var" in _state(tmp_path / "checkpoint.pt")
+
+
+# --------------------------------------------------------------------------- validation split
+
+
+def test_every_evaluation_reports_the_validation_split_and_the_checkpoint_records_it(small_run: Path) -> None:
+    lines = _metrics(small_run / "metrics.jsonl")
+    for line in lines:
+        assert 0.0 <= line["val_accuracy"] <= 1.0
+        assert math.isfinite(line["val_loss"])
+    payload = torch.load(small_run / "checkpoint.pt", map_location="cpu", weights_only=True)
+    assert payload["config"]["val_fraction"] == 0.1
+    assert payload["last_eval"]["val_accuracy"] == lines[-1]["val_accuracy"]
+    assert payload["last_eval"]["test_accuracy"] == lines[-1]["test_accuracy"]
+
+    # The reported validation loss and accuracy are those of the stored weights on the hand-carved split.
+    data = load_dataset("synthetic")
+    _, held = _carve_by_hand(data.train_labels.numpy(), 0.1)
+    assert len(held) == 59  # per class round(0.1 * n): the synthetic classes are of random sizes
+    normalizer = payload["normalizer"]
+    images = data.train_images.double().numpy()[held]
+    x = (images - normalizer["shift"].double().numpy()) / normalizer["scale"].double().numpy()
+    logits = _numpy_forward(payload["model"], x, hidden_layers=2)
+    labels = data.train_labels.numpy()[held]
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    log_probabilities = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+    assert lines[-1]["val_loss"] == pytest.approx(-log_probabilities[np.arange(len(labels)), labels].mean(), rel=1e-4)
+    assert lines[-1]["val_accuracy"] == pytest.approx((logits.argmax(axis=1) == labels).mean(), abs=1 / len(labels))
+
+
+def test_training_batches_never_contain_validation_or_test_examples(tmp_path: Path) -> None:
+    seen: list[torch.Tensor] = []
+
+    def record(model: nn.Module) -> nn.Module:
+        def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+            if module.training:
+                seen.append(inputs[0].detach().clone())
+
+        model.register_forward_pre_hook(hook)
+        return model
+
+    config = dataclasses.replace(SMALL, input_norm="none", steps=40, eval_every=20)  # raw pixels: comparable
+    train(config, None, model_override=record, progress=False)
+    data = load_dataset("synthetic")
+    kept, held = _carve_by_hand(data.train_labels.numpy(), 0.1)
+    used = {row.numpy().tobytes() for batch in seen for row in batch}
+    kept_rows = {data.train_images[int(i)].numpy().tobytes() for i in kept}
+    assert len(seen) == 40
+    assert used <= kept_rows
+    assert len(used) > 500  # two epochs and more over the 541 kept examples
+    assert not used & {data.train_images[int(i)].numpy().tobytes() for i in held}
+    assert not used & {image.numpy().tobytes() for image in data.test_images}
+
+
+def test_test_eval_final_and_never(tmp_path: Path) -> None:
+    config = dataclasses.replace(SMALL, steps=40, eval_every=10)
+    final = train(config, tmp_path / "final", progress=False, test_eval="final")
+    lines = _metrics(tmp_path / "final" / "metrics.jsonl")
+    assert [("test_accuracy" in line) for line in lines] == [False, False, False, True]
+    assert all("val_accuracy" in line for line in lines)
+    assert final.test_steps == [40]
+    assert len(final.val_accuracy) == 4
+    never = train(config, None, progress=False, test_eval="never")
+    assert never.test_accuracy == []
+    assert math.isnan(never.final_accuracy)
+    assert never.val_accuracy == final.val_accuracy  # the same run: evaluating the test split changes nothing
+    with pytest.raises(ValueError, match="test_eval must be one of"):
+        train(config, None, progress=False, test_eval="sometimes")
+
+
+def test_val_fraction_zero_trains_on_the_whole_split_and_reports_no_validation(tmp_path: Path) -> None:
+    result = train(dataclasses.replace(SMALL, steps=20, eval_every=10, val_fraction=0.0), tmp_path, progress=False)
+    assert result.val_accuracy == []
+    assert math.isnan(result.final_val_accuracy)
+    assert all("val_accuracy" not in line for line in _metrics(tmp_path / "metrics.jsonl"))
+
+
+def test_checkpoint_from_before_the_validation_split_resumes_on_the_whole_training_split(tmp_path: Path) -> None:
+    """An old checkpoint (no val_fraction, no last_eval) resumes as val_fraction=0, bit-identical to such a run."""
+    old_style = dataclasses.replace(SMALL, steps=60, eval_every=20, checkpoint_every=20, val_fraction=0.0)
+    train(old_style, tmp_path / "whole", progress=False)
+    train(dataclasses.replace(old_style, steps=30), tmp_path / "split", progress=False)
+    path = tmp_path / "split" / "checkpoint.pt"
+    payload = torch.load(path, weights_only=True)
+    del payload["config"]["val_fraction"], payload["config"]["groups"], payload["last_eval"]
+    torch.save(payload, path)
+    resumed = train(dataclasses.replace(SMALL, steps=60), tmp_path / "split", resume=path, progress=False)
+    assert resumed.config.val_fraction == 0.0
+    _assert_equal_states(_state(tmp_path / "whole" / "checkpoint.pt"), _state(path))
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        pytest.param({"val_fraction": 0.6}, "--val-fraction must be between 0 and 0.5, got 0.6", id="big-val"),
+        pytest.param({"val_fraction": -0.1}, "--val-fraction must be between 0 and 0.5", id="negative-val"),
+        pytest.param({"groups": 0}, "--groups must be a positive integer, got 0", id="zero-groups"),
+        pytest.param({"norm": "instance"}, "--norm: expected one of batch", id="bad-norm"),
+    ],
+)
+def test_new_option_validation_messages(change: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(message)):
+        dataclasses.replace(SMALL, **change).validate()
+
+
+@pytest.mark.parametrize("norm", ["group", "layer"])
+def test_group_and_layer_norm_train_and_resume_from_their_checkpoints(tmp_path: Path, norm: str) -> None:
+    config = dataclasses.replace(SMALL, norm=norm, steps=60, eval_every=30)
+    dataclasses.replace(config, batch_size=1).validate()  # per-example statistics: a batch of one is fine
+    result = train(config, tmp_path, progress=False)
+    assert result.final_accuracy > 0.2  # chance is 0.1
+    model, stored, _, _ = model_from_checkpoint(tmp_path / "checkpoint.pt")
+    assert stored.norm == norm
+    expected = nn.LayerNorm if norm == "layer" else nn.GroupNorm
+    assert isinstance(model.bn1, expected)

@@ -14,6 +14,18 @@ Datasets (``--data``):
   fetched only with an explicit ``--download``.
 * ``synthetic``: small noisy class templates for tests (seeded).
 
+Validation split (``--val-fraction``, default 0.1): every training run
+carves a validation split out of the *training* split, stratified by class:
+for each class, a permutation of its training examples drawn once with
+``numpy.random.default_rng(2016)`` (a seed of its own, the same for every run,
+seed and grid point) puts ``round(fraction * n_class)`` of them in the
+validation split and keeps the rest for training (mnist5k: 400 validation /
+3,600 training, 40 of each digit held out).
+Model selection (``tune``'s objective) reads only the validation split; the
+test split is never used to choose anything. ``--val-fraction 0`` trains on
+the whole training split and evaluates no validation split (how checkpoints
+written before the split existed are resumed).
+
 Input normalization (``--input-norm``) is *not* batch normalization: it is a
 fixed map of the raw pixels, fit once on the training split and stored with
 the checkpoint. ``standardize`` subtracts each pixel's training mean and
@@ -26,6 +38,7 @@ for every hidden unit from every mini-batch of that layer's own activations.
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import os
 import struct
@@ -43,11 +56,15 @@ __all__ = [
     "Dataset",
     "InputNormalizer",
     "load_dataset",
+    "split_validation",
+    "validation_indices",
 ]
 
 DATASETS = ("mnist5k", "digits", "mnist", "synthetic")
 INPUT_NORMS = ("standardize", "minmax", "none")
 SPLIT_SEED = 2015
+VAL_SEED = 2016
+DEFAULT_VAL_FRACTION = 0.1
 MNIST_FILES = {
     "train_images": "train-images-idx3-ubyte",
     "train_labels": "train-labels-idx1-ubyte",
@@ -68,6 +85,9 @@ class Dataset:
     test_labels: Tensor
     num_classes: int
     description: str
+    val_images: Tensor | None = None
+    val_labels: Tensor | None = None
+    val_fraction: float = 0.0
 
     @property
     def image_size(self) -> int:
@@ -88,6 +108,61 @@ def _stratified_split(labels: np.ndarray, train_fraction: float) -> tuple[np.nda
         train.append(indices[:cut])
         test.append(indices[cut:])
     return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
+
+
+def validation_indices(labels: np.ndarray, fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (into the training split) of the examples kept for training and of the validation split.
+
+    Stratified and fixed: for each class (in increasing label order), a
+    permutation of its examples from ``numpy.random.default_rng(VAL_SEED)``;
+    the first ``round(fraction * n_class)`` go to validation. Both index
+    arrays are sorted.
+    """
+    if not (0.0 <= fraction < 1.0):
+        raise ValueError(f"--val-fraction must be >= 0 and < 1, got {fraction}")
+    rng = np.random.default_rng(VAL_SEED)
+    keep, held = [], []
+    for label in np.unique(labels):
+        indices = np.flatnonzero(labels == label)
+        indices = indices[rng.permutation(len(indices))]
+        cut = round(len(indices) * fraction)
+        held.append(indices[:cut])
+        keep.append(indices[cut:])
+    if not keep:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    return np.sort(np.concatenate(keep)), np.sort(np.concatenate(held))
+
+
+def split_validation(dataset: Dataset, fraction: float) -> Dataset:
+    """``dataset`` with a validation split carved from its training split (see the module docstring).
+
+    ``fraction`` 0 returns the dataset unchanged (no validation split).
+
+    Raises:
+        ValueError: a fraction outside [0, 1), a dataset that already has a
+            validation split, or one so small that the split or the rest is empty.
+    """
+    if not (0.0 <= fraction < 1.0):
+        raise ValueError(f"--val-fraction must be >= 0 and < 1, got {fraction}")
+    if dataset.val_images is not None:
+        raise ValueError(f"{dataset.name} already has a validation split (fraction {dataset.val_fraction})")
+    if fraction == 0.0:
+        return dataset
+    keep, held = validation_indices(dataset.train_labels.numpy(), fraction)
+    if len(held) == 0 or len(keep) == 0:
+        raise ValueError(
+            f"--val-fraction {fraction} leaves {len(held)} validation and {len(keep)} training examples "
+            f"of the {len(dataset.train_labels)} in {dataset.name}'s training split"
+        )
+    keep_t, held_t = torch.from_numpy(keep), torch.from_numpy(held)
+    return dataclasses.replace(
+        dataset,
+        train_images=dataset.train_images[keep_t],
+        train_labels=dataset.train_labels[keep_t],
+        val_images=dataset.train_images[held_t],
+        val_labels=dataset.train_labels[held_t],
+        val_fraction=fraction,
+    )
 
 
 def _from_arrays(

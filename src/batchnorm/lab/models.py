@@ -15,9 +15,34 @@ Specs (widths, input first; the last number is the number of classes):
   ``BatchNorm2d(C)``: ``C`` statistics, each over ``N*H*W`` values. On
   28x28 inputs the blocks see 28x28, 14x14, 7x7, ... maps.
 
+Normalization (``norm``, ``--norm``), the layer placed where BN goes:
+
+* ``batch``: BN, ``BatchNorm1d(D)`` / ``BatchNorm2d(C)`` (this package's, or
+  torch's with ``norm_implementation="torch"``).
+* ``group``: ``torch.nn.GroupNorm(G, C)`` with ``G`` the largest divisor of
+  ``C`` that is at most ``groups`` (default 32, the GroupNorm paper's) *and*
+  leaves every group at least 16 values per example (channels x positions;
+  :func:`group_count`). Statistics per example and group; one gamma and beta
+  per channel. On the MLP's ``(N, D)`` it groups the ``D`` features: width
+  100 gets 5 groups of 20, width 32 gets 2 groups of 16 (a group of one
+  feature would normalize every value to 0). On a CNN's 28x28 maps every
+  channel holds 784 values, so ``C <= 32`` channels get ``C`` groups.
+* ``layer``: per-example statistics over all of a layer's features: the MLP
+  uses ``torch.nn.LayerNorm(D)`` on ``(N, D)``; the CNN uses
+  ``torch.nn.GroupNorm(1, C)``, which normalizes each example over ``(C, H,
+  W)`` with per-channel gamma and beta (``nn.LayerNorm`` would need the map
+  size and learn one gamma per position).
+* ``none``: no normalization layer; Linear and Conv layers keep their bias.
+
+With ``placement="before"`` every normalization layer (any of the above) is
+followed by its own per-feature beta, so the Linear/Conv before it has no
+bias, whatever the kind.
+
 Layers are named ``fc1, bn1, act1, fc2, ...`` (``conv1, bn1, act1, pool1,
 ...`` for the CNN) and ``out`` for the classifier, so ``--layer bn2`` names a
-BN layer in ``explain``.
+BN layer in ``explain``. The normalization layer keeps the name ``bnK`` for
+every ``norm`` (a GroupNorm is ``bn1`` too), so state dicts and ``--layer``
+line up across kinds.
 """
 
 from __future__ import annotations
@@ -36,13 +61,21 @@ __all__ = [
     "NORMS",
     "PLACEMENTS",
     "ModelSpec",
+    "NormOptions",
     "build_model",
+    "group_count",
     "parse_init",
     "parse_spec",
 ]
 
 ACTIVATIONS = ("sigmoid", "tanh", "relu")
-NORMS = ("batch", "none")
+NORMS = ("batch", "group", "layer", "none")
+NORM_HELP = (
+    "normalization layer in every hidden layer: batch (BN), group (torch GroupNorm, groups = largest divisor "
+    "of the width <= --groups), layer (LayerNorm on (N, D); GroupNorm(1, C) on conv maps), none"
+)
+DEFAULT_GROUPS = 32
+MIN_GROUP_VALUES = 16
 PLACEMENTS = ("before", "after")
 NORM_IMPLEMENTATIONS = ("batchnorm", "torch")
 
@@ -55,6 +88,17 @@ INIT_HELP = (
     "weight init: 'normal:STD' (the paper's small Gaussian, e.g. normal:0.01), 'kaiming', 'xavier', or "
     "'default' (torch's)"
 )
+
+
+@dataclass(frozen=True)
+class NormOptions:
+    """Parameters of the normalization variants (each used only by its ``norm``).
+
+    Attributes:
+        groups: ``group``: at most this many groups (the largest divisor of the width, see :func:`group_count`).
+    """
+
+    groups: int = DEFAULT_GROUPS
 
 
 @dataclass(frozen=True)
@@ -121,7 +165,34 @@ def _activation(name: str) -> nn.Module:
     raise ValueError(f"unknown activation {name!r}: expected one of {', '.join(ACTIVATIONS)}")
 
 
-def _norm_layer(width: int, dims: int, implementation: str) -> nn.Module:
+def group_count(channels: int, groups: int = DEFAULT_GROUPS, positions: int = 1) -> int:
+    """GroupNorm groups for ``channels`` features of ``positions`` values each (1 for ``(N, D)``, ``H*W`` for maps).
+
+    The largest divisor ``G`` of ``channels`` with ``G <= groups`` and at
+    least ``MIN_GROUP_VALUES`` (16) values per group and example
+    (``channels / G * positions``); 1 when even one group has fewer.
+    """
+    if groups < 1:
+        raise ValueError(f"--groups must be a positive integer, got {groups}")
+    fitting = [
+        g
+        for g in range(1, min(groups, channels) + 1)
+        if channels % g == 0 and (channels // g) * positions >= MIN_GROUP_VALUES
+    ]
+    return max(fitting, default=1)
+
+
+def _norm_layer(
+    norm: str, width: int, dims: int, implementation: str, options: NormOptions, positions: int = 1
+) -> nn.Module:
+    """The normalization layer of a hidden layer of ``width`` features (``dims`` 1: ``(N, D)``, 2: ``(N, C, H, W)``).
+
+    ``positions``: values per feature and example (``H*W`` of the layer's maps).
+    """
+    if norm == "group":
+        return nn.GroupNorm(group_count(width, options.groups, positions), width)
+    if norm == "layer":
+        return nn.LayerNorm(width) if dims == 1 else nn.GroupNorm(1, width)
     if implementation == "torch":
         return nn.BatchNorm1d(width) if dims == 1 else nn.BatchNorm2d(width)
     return BatchNorm1d(width) if dims == 1 else BatchNorm2d(width)
@@ -160,13 +231,15 @@ def build_model(
     norm_implementation: str = "batchnorm",
     image_size: int = 28,
     seed: int | None = None,
+    norm_options: NormOptions | None = None,
 ) -> nn.Sequential:
     """Build the network a spec describes.
 
     Args:
         spec: a spec string or :class:`ModelSpec`.
         activation: ``sigmoid``, ``tanh`` or ``relu``.
-        norm: ``batch`` (a BN layer in every hidden layer) or ``none``.
+        norm: one of :data:`NORMS` (see the module docstring): the layer
+            ``bnK`` of every hidden layer, or ``none``.
         placement: ``before`` the nonlinearity (the paper's) or ``after`` it.
         init: see :func:`parse_init`.
         norm_implementation: ``batchnorm`` (this package's layers) or ``torch``.
@@ -174,6 +247,8 @@ def build_model(
             that every pooling step has at least a 1x1 map).
         seed: seeds the generator of ``normal``/``kaiming``/``xavier`` init,
             so two networks that differ only in BN get the same weights.
+        norm_options: parameters of the normalization variants (default
+            :class:`NormOptions`).
 
     Returns:
         an ``nn.Sequential`` with named layers; an MLP flattens its input
@@ -193,9 +268,14 @@ def build_model(
         if value not in allowed:
             raise ValueError(f"unknown {option} {value!r}: expected one of {', '.join(allowed)}")
     parse_init(init)
+    options = norm_options if norm_options is not None else NormOptions()
     layers: OrderedDict[str, nn.Module] = OrderedDict()
-    use_bn = norm == "batch"
+    use_bn = norm != "none"
     bn_first = use_bn and placement == "before"
+
+    def norm_layer(width: int, dims: int, positions: int = 1) -> nn.Module:
+        return _norm_layer(norm, width, dims, norm_implementation, options, positions)
+
     if parsed.kind == "mlp":
         layers["flatten"] = nn.Flatten()
         hidden = parsed.widths[1:-1]
@@ -203,10 +283,10 @@ def build_model(
         for index, width in enumerate(hidden, start=1):
             layers[f"fc{index}"] = nn.Linear(previous, width, bias=not bn_first)
             if bn_first:
-                layers[f"bn{index}"] = _norm_layer(width, 1, norm_implementation)
+                layers[f"bn{index}"] = norm_layer(width, 1)
             layers[f"act{index}"] = _activation(activation)
             if use_bn and not bn_first:
-                layers[f"bn{index}"] = _norm_layer(width, 1, norm_implementation)
+                layers[f"bn{index}"] = norm_layer(width, 1)
             previous = width
         layers["out"] = nn.Linear(previous, parsed.widths[-1])
     else:
@@ -214,6 +294,7 @@ def build_model(
         previous = parsed.widths[0]
         size = image_size
         for index, width in enumerate(channels, start=1):
+            positions = size * size  # the block's conv and norm see size x size maps, pooled after
             size //= 2
             if size < 1:
                 raise ValueError(
@@ -222,10 +303,10 @@ def build_model(
                 )
             layers[f"conv{index}"] = nn.Conv2d(previous, width, 3, padding=1, bias=not bn_first)
             if bn_first:
-                layers[f"bn{index}"] = _norm_layer(width, 2, norm_implementation)
+                layers[f"bn{index}"] = norm_layer(width, 2, positions)
             layers[f"act{index}"] = _activation(activation)
             if use_bn and not bn_first:
-                layers[f"bn{index}"] = _norm_layer(width, 2, norm_implementation)
+                layers[f"bn{index}"] = norm_layer(width, 2, positions)
             layers[f"pool{index}"] = nn.MaxPool2d(2)
             previous = width
         layers["gap"] = nn.AdaptiveAvgPool2d(1)

@@ -3,21 +3,34 @@
 ``batchnorm train`` (:mod:`batchnorm.cli.train`) reads top to bottom as
 :func:`train`: load the data, fit the input normalization on the training
 split, build the network, then run ``steps`` SGD steps (``torch.optim.SGD`` with learning rate, momentum and
-weight decay) on shuffled mini-batches, evaluating on the test split every
-``eval_every`` steps.
+weight decay) on shuffled mini-batches, evaluating every ``eval_every`` steps.
+
+The training split is first cut in two (:func:`batchnorm.lab.data.split_validation`,
+``val_fraction``, default 0.1, stratified and fixed): the batches come from
+the rest only, the input normalization is fit on the rest only, and every
+evaluation reports the validation split, on which ``tune`` selects. The test
+split is evaluated every ``eval_every`` steps too (``test_eval="every"``, the
+curves of ``train`` and ``compare``), or only at the last step
+(``"final"``: ``tune``'s full run reports it once), or never (``"never"``:
+``tune``'s trials, which must not see it).
 
 Files written into ``--out``:
 
 * ``metrics.jsonl``: one JSON line per evaluation (step, train loss since the
-  last evaluation, test loss and accuracy, steps/s);
+  last evaluation, validation loss and accuracy, test loss and accuracy when
+  the test split was evaluated, steps/s);
 * ``checkpoint.pt``: model, optimizer, sampler and guard state plus the
-  config and input normalization, written atomically (temporary file, then
+  config (with ``val_fraction``), the input normalization and the last
+  evaluation's metrics (``last_eval``, with the validation accuracy), written atomically (temporary file, then
   rename) every ``checkpoint_every`` steps and at the end; always read with
   ``torch.load(..., weights_only=True)``.
 
 ``--resume CKPT`` continues exactly where the checkpoint stopped: the same
 batches in the same order, the same optimizer state, so a run killed at any
 moment and resumed ends with bit-identical weights to an uninterrupted run.
+A checkpoint written before the validation split existed (its config has no
+``val_fraction``) resumes with ``val_fraction=0``: it keeps training on the
+whole training split it started on, and reports no validation metrics.
 
 The divergence guard stops a run whose loss is not finite, whose smoothed
 loss rises far above its best, or whose weight norm leaves its recent history
@@ -47,8 +60,25 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from batchnorm.lab.data import DATASETS, INPUT_NORMS, Dataset, InputNormalizer, load_dataset
-from batchnorm.lab.models import ACTIVATIONS, NORMS, PLACEMENTS, build_model, parse_init, parse_spec
+from batchnorm.lab.data import (
+    DATASETS,
+    DEFAULT_VAL_FRACTION,
+    INPUT_NORMS,
+    Dataset,
+    InputNormalizer,
+    load_dataset,
+    split_validation,
+)
+from batchnorm.lab.models import (
+    ACTIVATIONS,
+    DEFAULT_GROUPS,
+    NORMS,
+    PLACEMENTS,
+    NormOptions,
+    build_model,
+    parse_init,
+    parse_spec,
+)
 
 __all__ = [
     "CheckpointError",
@@ -67,6 +97,9 @@ __all__ = [
 CHECKPOINT_FORMAT = "batchnorm-checkpoint"
 CHECKPOINT_VERSION = 1
 EXIT_DIVERGED = 3
+TEST_EVALS = ("every", "final", "never")
+# Norms that compute statistics over the batch (need at least 2 examples per batch).
+BATCH_STATISTICS_NORMS = ("batch",)
 
 
 class DivergenceError(RuntimeError):
@@ -100,6 +133,12 @@ class TrainConfig:
     guard: bool = True
     guard_loss_factor: float = 4.0
     guard_norm_factor: float = 100.0
+    val_fraction: float = DEFAULT_VAL_FRACTION
+    groups: int = DEFAULT_GROUPS
+
+    def norm_options(self) -> NormOptions:
+        """The parameters of the normalization variants, as :func:`build_model` takes them."""
+        return NormOptions(groups=self.groups)
 
     def validate(self) -> None:
         """Raise ``ValueError`` with a clear message for any out-of-range setting."""
@@ -117,6 +156,10 @@ class TrainConfig:
         for option, number in (("--lr", self.lr), ("--momentum", self.momentum), ("--weight-decay", self.weight_decay)):
             if not (math.isfinite(number) and number >= 0):
                 raise ValueError(f"{option} must be a finite number >= 0, got {number}")
+        if not (math.isfinite(self.val_fraction) and 0.0 <= self.val_fraction <= 0.5):
+            raise ValueError(f"--val-fraction must be between 0 and 0.5, got {self.val_fraction}")
+        if self.groups < 1:
+            raise ValueError(f"--groups must be a positive integer, got {self.groups}")
         if self.lr == 0:
             raise ValueError("--lr must be > 0, got 0")
         for option, integer in (
@@ -127,8 +170,10 @@ class TrainConfig:
         ):
             if integer < 1:
                 raise ValueError(f"{option} must be a positive integer, got {integer}")
-        if self.norm == "batch" and self.batch_size < 2:
-            raise ValueError("--batch-size must be at least 2 with --norm batch (BN needs 2 values per statistic)")
+        if self.norm in BATCH_STATISTICS_NORMS and self.batch_size < 2:
+            raise ValueError(
+                f"--batch-size must be at least 2 with --norm {self.norm} (BN needs 2 values per statistic)"
+            )
 
     def model_identity(self) -> dict[str, str]:
         """The fields that define the architecture (a checkpoint must match them)."""
@@ -154,6 +199,9 @@ class TrainResult:
     test_accuracy: list[float] = field(default_factory=list)
     test_loss: list[float] = field(default_factory=list)
     train_loss: list[float] = field(default_factory=list)
+    val_accuracy: list[float] = field(default_factory=list)
+    val_loss: list[float] = field(default_factory=list)
+    test_steps: list[int] = field(default_factory=list)
     final_step: int = 0
     seconds: float = 0.0
     checkpoint: Path | None = None
@@ -161,7 +209,13 @@ class TrainResult:
 
     @property
     def final_accuracy(self) -> float:
+        """The last test accuracy (NaN when the test split was not evaluated)."""
         return self.test_accuracy[-1] if self.test_accuracy else float("nan")
+
+    @property
+    def final_val_accuracy(self) -> float:
+        """The last validation accuracy (NaN without a validation split)."""
+        return self.val_accuracy[-1] if self.val_accuracy else float("nan")
 
 
 class DivergenceGuard:
@@ -303,9 +357,15 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
 
 
 def config_from_checkpoint(payload: dict[str, Any]) -> TrainConfig:
-    """The :class:`TrainConfig` stored in a checkpoint read by :func:`load_checkpoint` (unknown fields ignored)."""
+    """The :class:`TrainConfig` stored in a checkpoint read by :func:`load_checkpoint` (unknown fields ignored).
+
+    A checkpoint from before the validation split (no ``val_fraction`` in its
+    config) trained on the whole training split: it gets ``val_fraction=0``.
+    """
     known = {f.name for f in dataclasses.fields(TrainConfig)}
-    return TrainConfig(**{k: v for k, v in payload["config"].items() if k in known})
+    stored = dict(payload["config"])
+    stored.setdefault("val_fraction", 0.0)
+    return TrainConfig(**{k: v for k, v in stored.items() if k in known})
 
 
 def model_from_checkpoint(path: str | Path) -> tuple[nn.Module, TrainConfig, InputNormalizer, dict[str, Any]]:
@@ -313,7 +373,15 @@ def model_from_checkpoint(path: str | Path) -> tuple[nn.Module, TrainConfig, Inp
     payload = load_checkpoint(path)
     config = config_from_checkpoint(payload)
     image_size = int(payload.get("image_size", 28))
-    model = build_model(config.model, config.act, config.norm, config.placement, "default", image_size=image_size)
+    model = build_model(
+        config.model,
+        config.act,
+        config.norm,
+        config.placement,
+        "default",
+        image_size=image_size,
+        norm_options=config.norm_options(),
+    )
     try:
         model.load_state_dict(payload["model"])
     except RuntimeError as error:
@@ -359,6 +427,7 @@ def train(
     progress: bool = True,
     description: str = "train",
     model_override: Callable[[nn.Module], nn.Module] | None = None,
+    test_eval: str = "every",
 ) -> TrainResult:
     """Run (or resume) one training run; see the module docstring.
 
@@ -371,11 +440,15 @@ def train(
         requested_model: architecture fields the caller asked for
             explicitly (``model``, ``act``, ``norm``, ``placement``); a resumed
             checkpoint must match them.
-        dataset: an already loaded dataset (must match ``config.data``).
+        dataset: an already loaded dataset (must match ``config.data``),
+            without a validation split: it is carved here with
+            ``config.val_fraction``.
         callbacks: :class:`StepCallback` objects.
         progress: show a progress bar on stderr.
         model_override: applied to the freshly built model (e.g. swap BN
             implementations) before training.
+        test_eval: when the test split is evaluated: ``"every"``
+            evaluation, only the ``"final"`` one, or ``"never"``.
 
     Raises:
         ValueError: invalid settings or data; :class:`CheckpointError`.
@@ -383,6 +456,8 @@ def train(
     """
     from tqdm import tqdm
 
+    if test_eval not in TEST_EVALS:
+        raise ValueError(f"test_eval must be one of {', '.join(TEST_EVALS)}, got {test_eval!r}")
     payload: dict[str, Any] | None = None
     if resume is not None:
         payload = load_checkpoint(resume)
@@ -391,6 +466,7 @@ def train(
         config = dataclasses.replace(stored, steps=config.steps)
     config.validate()
     data = dataset if dataset is not None else load_dataset(config.data, config.data_dir, seed=config.seed)
+    data = split_validation(data, config.val_fraction)
     spec = parse_spec(config.model)
     if spec.kind == "mlp" and spec.widths[0] != data.input_features:
         raise ValueError(
@@ -404,7 +480,14 @@ def train(
 
     torch.manual_seed(config.seed)
     model: nn.Module = build_model(
-        spec, config.act, config.norm, config.placement, config.init, image_size=data.image_size, seed=config.seed
+        spec,
+        config.act,
+        config.norm,
+        config.placement,
+        config.init,
+        image_size=data.image_size,
+        seed=config.seed,
+        norm_options=config.norm_options(),
     )
     if model_override is not None:
         model = model_override(model)
@@ -425,6 +508,9 @@ def train(
         normalizer = InputNormalizer.fit(config.input_norm, data.train_images)
     train_images, test_images = normalizer(data.train_images), normalizer(data.test_images)
     train_labels, test_labels = data.train_labels, data.test_labels
+    val_images = normalizer(data.val_images) if data.val_images is not None else None
+    val_labels = data.val_labels
+    last_eval: dict[str, Any] | None = payload.get("last_eval") if payload is not None else None
 
     out = Path(out_dir) if out_dir is not None else None
     checkpoint_path = out / "checkpoint.pt" if out is not None else None
@@ -448,6 +534,7 @@ def train(
             "sampler": sampler.state_dict(),
             "guard": guard.state_dict(),
             "normalizer": normalizer.state_dict(),
+            "last_eval": last_eval,
         }
         _atomic_save(state, checkpoint_path)
 
@@ -489,21 +576,28 @@ def train(
             running_count += 1
             bar.update(1)
             if step % config.eval_every == 0 or step == config.steps:
-                test_loss, test_accuracy = evaluate(model, test_images, test_labels)
+                metrics: dict[str, Any] = {"step": step, "train_loss": running_loss / running_count}
+                shown = {"loss": f"{metrics['train_loss']:.3f}"}
+                if val_images is not None and val_labels is not None:
+                    val_loss, val_accuracy = evaluate(model, val_images, val_labels)
+                    metrics.update(val_loss=val_loss, val_accuracy=val_accuracy)
+                    result.val_loss.append(val_loss)
+                    result.val_accuracy.append(val_accuracy)
+                    shown["val"] = f"{val_accuracy:.3f}"
+                if test_eval == "every" or (test_eval == "final" and step == config.steps):
+                    test_loss, test_accuracy = evaluate(model, test_images, test_labels)
+                    metrics.update(test_loss=test_loss, test_accuracy=test_accuracy)
+                    result.test_steps.append(step)
+                    result.test_accuracy.append(test_accuracy)
+                    result.test_loss.append(test_loss)
+                    shown["test"] = f"{test_accuracy:.3f}"
                 elapsed = time.perf_counter() - started
-                metrics = {
-                    "step": step,
-                    "train_loss": running_loss / running_count,
-                    "test_loss": test_loss,
-                    "test_accuracy": test_accuracy,
-                    "steps_per_s": (step - start_step) / elapsed if elapsed > 0 else 0.0,
-                }
+                metrics["steps_per_s"] = (step - start_step) / elapsed if elapsed > 0 else 0.0
+                last_eval = dict(metrics)
                 running_loss, running_count = 0.0, 0
                 result.steps.append(step)
-                result.test_accuracy.append(test_accuracy)
-                result.test_loss.append(test_loss)
                 result.train_loss.append(metrics["train_loss"])
-                bar.set_postfix(loss=f"{metrics['train_loss']:.3f}", acc=f"{test_accuracy:.3f}")
+                bar.set_postfix(shown)
                 if metrics_path is not None:
                     with metrics_path.open("a") as stream:
                         stream.write(json.dumps(metrics) + "\n")
