@@ -95,6 +95,11 @@ def ghost_batch_norm(
             batch with a single value per feature in training.
     """
     _check_virtual_batch_size(virtual_batch_size)
+    ndim = input.dim() if isinstance(input, Tensor) else 0
+    if training and isinstance(axis, int) and -ndim <= axis < ndim and axis % ndim == 0:
+        raise BatchNormArgumentError(
+            f"ghost batch norm splits the batch along axis 0, so the feature axis cannot be 0 (got axis={axis})"
+        )
     if not training or not isinstance(input, Tensor) or input.dim() < 2 or input.shape[0] <= virtual_batch_size:
         # Eval, or one virtual batch: BN itself (which also words the errors of a bad input).
         return batch_norm(
@@ -104,10 +109,6 @@ def ghost_batch_norm(
     if nonfinite not in NONFINITE_POLICIES:
         raise BatchNormArgumentError(f"expected nonfinite to be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
     feature = check_arguments(input, running_mean, running_var, weight, bias, True, momentum, eps, axis)
-    if feature == 0:
-        raise BatchNormArgumentError(
-            f"ghost batch norm splits the batch along axis 0, so the feature axis cannot be 0 (got axis={axis})"
-        )
     chunks = torch.split(input, virtual_batch_size)
     per_sample = input[:1].numel() // input.shape[feature]
     if chunks[-1].shape[0] * per_sample == 1:
