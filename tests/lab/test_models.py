@@ -421,3 +421,32 @@ def test_every_norm_builds_mlp_and_cnn_with_bn_names_and_the_same_linear_weights
     cnn = build_model("cnn:1-8-16-10", norm=norm, image_size=8)
     assert {"bn1", "bn2"} <= {name for name, _ in cnn.named_children()}
     assert cnn(torch.randn(4, 1, 8, 8)).shape == (4, 10)
+
+
+def test_variant_norms_are_the_package_layers_with_the_requested_parameters() -> None:
+    options = NormOptions(virtual_batch_size=8, rmax=2.0, dmax=0.5, renorm_warmup=7)
+    renorm = build_model("mlp:64-32-16-10", norm="renorm", norm_options=options)
+    assert type(renorm.bn1) is bn.BatchRenorm
+    assert (renorm.bn1.num_features, renorm.bn2.num_features) == (32, 16)
+    assert (renorm.bn1.rmax, renorm.bn1.dmax, renorm.bn1.warmup_steps) == (2.0, 0.5, 7)
+    assert renorm.fc1.bias is None
+    ghost = build_model("cnn:1-8-10", norm="ghost", norm_options=options, image_size=8)
+    assert type(ghost.bn1) is bn.GhostBatchNorm
+    assert ghost.bn1.virtual_batch_size == 8
+    assert build_model("mlp:64-32-10", norm="ghost").bn1.virtual_batch_size == 20  # 60 = 3 virtual batches
+    defaults = build_model("mlp:64-32-10", norm="renorm").bn1
+    assert (defaults.rmax, defaults.dmax, defaults.warmup_steps) == (3.0, 5.0, 1000)
+    frozen = build_model("mlp:64-32-10", norm="frozen")
+    assert type(frozen.bn1) is bn.FrozenBatchNorm
+    # gamma and beta are trained (they replace the Linear's bias), the statistics stay at mean 0, variance 1.
+    assert {name for name, _ in frozen.named_parameters()} == {
+        "fc1.weight",
+        "bn1.weight",
+        "bn1.bias",
+        "out.weight",
+        "out.bias",
+    }
+    frozen.train()
+    x = torch.randn(6, 1, 8, 8)
+    z = frozen.fc1(frozen.flatten(x))
+    torch.testing.assert_close(frozen.bn1(z), z / math.sqrt(1 + 1e-5))

@@ -24,6 +24,7 @@ import pytest
 import torch
 from torch import nn
 
+import batchnorm
 from batchnorm.lab.data import load_dataset
 from batchnorm.lab.models import build_model
 from batchnorm.lab.training import (
@@ -547,6 +548,18 @@ def test_checkpoint_from_before_the_validation_split_resumes_on_the_whole_traini
         pytest.param({"val_fraction": -0.1}, "--val-fraction must be between 0 and 0.5", id="negative-val"),
         pytest.param({"groups": 0}, "--groups must be a positive integer, got 0", id="zero-groups"),
         pytest.param({"norm": "instance"}, "--norm: expected one of batch", id="bad-norm"),
+        pytest.param({"rmax": 0.5}, "--rmax must be a finite number >= 1, got 0.5", id="small-rmax"),
+        pytest.param({"dmax": -1.0}, "--dmax must be a finite number >= 0", id="negative-dmax"),
+        pytest.param({"renorm_warmup": -1}, "--renorm-warmup must be an integer >= 0", id="negative-warmup"),
+        pytest.param({"virtual_batch_size": 0}, "--virtual-batch-size must be a positive integer", id="zero-vbs"),
+        pytest.param(
+            {"norm": "ghost", "virtual_batch_size": 29},
+            "--virtual-batch-size 29 with --batch-size 30 leaves a virtual batch of one example",
+            id="ghost-remainder-of-one",
+        ),
+        pytest.param(
+            {"norm": "renorm", "batch_size": 1}, "--batch-size must be at least 2 with --norm renorm", id="renorm-1"
+        ),
     ],
 )
 def test_new_option_validation_messages(change: dict[str, Any], message: str) -> None:
@@ -554,13 +567,28 @@ def test_new_option_validation_messages(change: dict[str, Any], message: str) ->
         dataclasses.replace(SMALL, **change).validate()
 
 
-@pytest.mark.parametrize("norm", ["group", "layer"])
-def test_group_and_layer_norm_train_and_resume_from_their_checkpoints(tmp_path: Path, norm: str) -> None:
-    config = dataclasses.replace(SMALL, norm=norm, steps=60, eval_every=30)
-    dataclasses.replace(config, batch_size=1).validate()  # per-example statistics: a batch of one is fine
-    result = train(config, tmp_path, progress=False)
+NORM_LAYERS = {
+    "group": nn.GroupNorm,
+    "layer": nn.LayerNorm,
+    "renorm": batchnorm.BatchRenorm,
+    "ghost": batchnorm.GhostBatchNorm,
+    "frozen": batchnorm.FrozenBatchNorm,
+}
+
+
+@pytest.mark.parametrize("norm", list(NORM_LAYERS))
+def test_every_norm_trains_and_resumes_bit_identically_from_its_checkpoint(tmp_path: Path, norm: str) -> None:
+    config = dataclasses.replace(
+        SMALL, norm=norm, steps=60, eval_every=30, checkpoint_every=30, virtual_batch_size=8, renorm_warmup=20
+    )
+    if norm in ("group", "layer", "frozen"):
+        dataclasses.replace(config, batch_size=1).validate()  # no batch statistics: a batch of one is fine
+    result = train(config, tmp_path / "whole", progress=False)
     assert result.final_accuracy > 0.2  # chance is 0.1
-    model, stored, _, _ = model_from_checkpoint(tmp_path / "checkpoint.pt")
-    assert stored.norm == norm
-    expected = nn.LayerNorm if norm == "layer" else nn.GroupNorm
-    assert isinstance(model.bn1, expected)
+    model, stored, _, _ = model_from_checkpoint(tmp_path / "whole" / "checkpoint.pt")
+    assert (stored.norm, stored.virtual_batch_size, stored.renorm_warmup) == (norm, 8, 20)
+    assert type(model.bn1) is NORM_LAYERS[norm]
+    train(dataclasses.replace(config, steps=30), tmp_path / "split", progress=False)
+    path = tmp_path / "split" / "checkpoint.pt"
+    train(config, tmp_path / "split", resume=path, progress=False)
+    _assert_equal_states(_state(tmp_path / "whole" / "checkpoint.pt"), _state(path))

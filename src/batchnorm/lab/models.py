@@ -19,6 +19,18 @@ Normalization (``norm``, ``--norm``), the layer placed where BN goes:
 
 * ``batch``: BN, ``BatchNorm1d(D)`` / ``BatchNorm2d(C)`` (this package's, or
   torch's with ``norm_implementation="torch"``).
+* ``renorm``: :class:`batchnorm.BatchRenorm` (Ioffe 2017) with ``rmax``
+  (default 3), ``dmax`` (default 5) and ``renorm_warmup`` (default 1000 steps
+  of plain BN relaxing linearly to those limits).
+* ``ghost``: :class:`batchnorm.GhostBatchNorm` with ``virtual_batch_size``
+  (default 20: the default batch of 60 is three virtual batches; a remainder
+  is a virtual batch of its own).
+* ``frozen``: :class:`batchnorm.FrozenBatchNorm` with ``trainable_affine=True``:
+  the fixed map of BN's eval mode with the initial statistics (mean 0,
+  variance 1) and a trained gamma and beta. No batch is ever measured: from
+  scratch this is the network without normalization plus a per-feature scale
+  and shift, the baseline of what BN's statistics contribute (and the layer
+  fine-tuning uses after :func:`batchnorm.freeze`).
 * ``group``: ``torch.nn.GroupNorm(G, C)`` with ``G`` the largest divisor of
   ``C`` that is at most ``groups`` (default 32, the GroupNorm paper's) *and*
   leaves every group at least 16 values per example (channels x positions;
@@ -55,9 +67,13 @@ import torch
 from torch import nn
 
 from batchnorm.nn.batchnorm import BatchNorm1d, BatchNorm2d
+from batchnorm.nn.frozen import FrozenBatchNorm
+from batchnorm.nn.ghost import GhostBatchNorm
+from batchnorm.nn.renorm import BatchRenorm
 
 __all__ = [
     "ACTIVATIONS",
+    "BATCH_STATISTICS_NORMS",
     "NORMS",
     "PLACEMENTS",
     "ModelSpec",
@@ -69,12 +85,19 @@ __all__ = [
 ]
 
 ACTIVATIONS = ("sigmoid", "tanh", "relu")
-NORMS = ("batch", "group", "layer", "none")
+NORMS = ("batch", "renorm", "ghost", "frozen", "group", "layer", "none")
+# Norms whose training forward computes statistics over the batch (they need 2 values per statistic).
+BATCH_STATISTICS_NORMS = ("batch", "renorm", "ghost")
 NORM_HELP = (
-    "normalization layer in every hidden layer: batch (BN), group (torch GroupNorm, groups = largest divisor "
-    "of the width <= --groups), layer (LayerNorm on (N, D); GroupNorm(1, C) on conv maps), none"
+    "normalization layer in every hidden layer: batch (BN), renorm (Batch Renorm, --rmax/--dmax), ghost "
+    "(Ghost BN, --virtual-batch-size), frozen (FrozenBatchNorm: fixed statistics, trained gamma/beta), group "
+    "(torch GroupNorm, see --groups), layer (LayerNorm on (N, D); GroupNorm(1, C) on conv maps), none"
 )
 DEFAULT_GROUPS = 32
+DEFAULT_VIRTUAL_BATCH_SIZE = 20
+DEFAULT_RMAX = 3.0
+DEFAULT_DMAX = 5.0
+DEFAULT_RENORM_WARMUP = 1000
 MIN_GROUP_VALUES = 16
 PLACEMENTS = ("before", "after")
 NORM_IMPLEMENTATIONS = ("batchnorm", "torch")
@@ -96,9 +119,15 @@ class NormOptions:
 
     Attributes:
         groups: ``group``: at most this many groups (the largest divisor of the width, see :func:`group_count`).
+        virtual_batch_size: ``ghost``: samples per virtual batch.
+        rmax, dmax, renorm_warmup: ``renorm``: the limits of ``r`` and ``d`` and the warm-up steps.
     """
 
     groups: int = DEFAULT_GROUPS
+    virtual_batch_size: int = DEFAULT_VIRTUAL_BATCH_SIZE
+    rmax: float = DEFAULT_RMAX
+    dmax: float = DEFAULT_DMAX
+    renorm_warmup: int = DEFAULT_RENORM_WARMUP
 
 
 @dataclass(frozen=True)
@@ -193,6 +222,12 @@ def _norm_layer(
         return nn.GroupNorm(group_count(width, options.groups, positions), width)
     if norm == "layer":
         return nn.LayerNorm(width) if dims == 1 else nn.GroupNorm(1, width)
+    if norm == "renorm":
+        return BatchRenorm(width, rmax=options.rmax, dmax=options.dmax, warmup_steps=options.renorm_warmup)
+    if norm == "ghost":
+        return GhostBatchNorm(width, virtual_batch_size=options.virtual_batch_size)
+    if norm == "frozen":
+        return FrozenBatchNorm(width, trainable_affine=True)
     if implementation == "torch":
         return nn.BatchNorm1d(width) if dims == 1 else nn.BatchNorm2d(width)
     return BatchNorm1d(width) if dims == 1 else BatchNorm2d(width)

@@ -71,7 +71,12 @@ from batchnorm.lab.data import (
 )
 from batchnorm.lab.models import (
     ACTIVATIONS,
+    BATCH_STATISTICS_NORMS,
+    DEFAULT_DMAX,
     DEFAULT_GROUPS,
+    DEFAULT_RENORM_WARMUP,
+    DEFAULT_RMAX,
+    DEFAULT_VIRTUAL_BATCH_SIZE,
     NORMS,
     PLACEMENTS,
     NormOptions,
@@ -98,8 +103,6 @@ CHECKPOINT_FORMAT = "batchnorm-checkpoint"
 CHECKPOINT_VERSION = 1
 EXIT_DIVERGED = 3
 TEST_EVALS = ("every", "final", "never")
-# Norms that compute statistics over the batch (need at least 2 examples per batch).
-BATCH_STATISTICS_NORMS = ("batch",)
 
 
 class DivergenceError(RuntimeError):
@@ -135,10 +138,20 @@ class TrainConfig:
     guard_norm_factor: float = 100.0
     val_fraction: float = DEFAULT_VAL_FRACTION
     groups: int = DEFAULT_GROUPS
+    virtual_batch_size: int = DEFAULT_VIRTUAL_BATCH_SIZE
+    rmax: float = DEFAULT_RMAX
+    dmax: float = DEFAULT_DMAX
+    renorm_warmup: int = DEFAULT_RENORM_WARMUP
 
     def norm_options(self) -> NormOptions:
         """The parameters of the normalization variants, as :func:`build_model` takes them."""
-        return NormOptions(groups=self.groups)
+        return NormOptions(
+            groups=self.groups,
+            virtual_batch_size=self.virtual_batch_size,
+            rmax=self.rmax,
+            dmax=self.dmax,
+            renorm_warmup=self.renorm_warmup,
+        )
 
     def validate(self) -> None:
         """Raise ``ValueError`` with a clear message for any out-of-range setting."""
@@ -160,6 +173,14 @@ class TrainConfig:
             raise ValueError(f"--val-fraction must be between 0 and 0.5, got {self.val_fraction}")
         if self.groups < 1:
             raise ValueError(f"--groups must be a positive integer, got {self.groups}")
+        if not (math.isfinite(self.rmax) and self.rmax >= 1):
+            raise ValueError(f"--rmax must be a finite number >= 1, got {self.rmax}")
+        if not (math.isfinite(self.dmax) and self.dmax >= 0):
+            raise ValueError(f"--dmax must be a finite number >= 0, got {self.dmax}")
+        if self.renorm_warmup < 0:
+            raise ValueError(f"--renorm-warmup must be an integer >= 0, got {self.renorm_warmup}")
+        if self.virtual_batch_size < 1:
+            raise ValueError(f"--virtual-batch-size must be a positive integer, got {self.virtual_batch_size}")
         if self.lr == 0:
             raise ValueError("--lr must be > 0, got 0")
         for option, integer in (
@@ -174,6 +195,13 @@ class TrainConfig:
             raise ValueError(
                 f"--batch-size must be at least 2 with --norm {self.norm} (BN needs 2 values per statistic)"
             )
+        if self.norm == "ghost" and parse_spec(self.model).kind == "mlp":
+            size, remainder = self.virtual_batch_size, self.batch_size % self.virtual_batch_size
+            if size < 2 or (remainder == 1 and self.batch_size > size):
+                raise ValueError(
+                    f"--virtual-batch-size {size} with --batch-size {self.batch_size} leaves a virtual batch of "
+                    "one example (a dense layer's BN needs 2 values per statistic)"
+                )
 
     def model_identity(self) -> dict[str, str]:
         """The fields that define the architecture (a checkpoint must match them)."""
