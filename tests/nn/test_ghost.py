@@ -184,3 +184,18 @@ def test_argument_errors() -> None:
     with pytest.raises(bn.BatchNormArgumentError, match="nonfinite"):
         ghost_batch_norm(torch.randn(8, 3), None, None, training=True, virtual_batch_size=2, nonfinite="x")  # type: ignore[arg-type]
     assert "virtual_batch_size=4" in repr(GhostBatchNorm(3, 4))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_accumulates_in_float32(dtype: torch.dtype) -> None:
+    x = (torch.randn(10, 4, 3, 3) * 2 + 1).to(dtype)
+    y = GhostBatchNorm(4, 4).to(dtype)(x)
+    assert y.dtype == dtype
+    torch.testing.assert_close(y.double(), per_chunk(x.double(), None, None, 4, 1), rtol=2e-2, atol=2e-2)
+
+
+def test_an_empty_batch_is_counted_as_by_torch() -> None:
+    module, theirs = GhostBatchNorm(3, 2), nn.BatchNorm1d(3)
+    x = torch.randn(0, 3, 2)
+    assert module(x).shape == theirs(x).shape == (0, 3, 2)
+    assert int(module.num_batches_tracked) == int(theirs.num_batches_tracked) == 1

@@ -305,3 +305,24 @@ def test_a_nonfinite_batch_leaves_the_running_statistics() -> None:
         module(x)
     torch.testing.assert_close(module.running_mean, torch.zeros(3))
     assert int(module.num_batches_tracked) == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_accumulates_in_float32(dtype: torch.dtype) -> None:
+    x = (torch.randn(16, 4, 3, 3) * 2 + 1).to(dtype)
+    module = BatchRenorm(4, rmax=1.2, dmax=0.6, warmup_steps=0).to(dtype)
+    with torch.no_grad():
+        module.running_mean.uniform_(-1, 1)
+        module.running_var.uniform_(0.5, 4)
+    expected, _, _ = reference(x, module.running_mean, module.running_var, None, None, 1e-5, 1.2, 0.6)
+    y = module(x)
+    assert y.dtype == dtype
+    torch.testing.assert_close(y.double(), expected, rtol=2e-2, atol=2e-2)
+
+
+def test_an_empty_batch_is_counted_as_by_torch() -> None:
+    module, theirs = BatchRenorm(3), nn.BatchNorm1d(3)
+    x = torch.randn(0, 3, 2)
+    assert module(x).shape == theirs(x).shape == (0, 3, 2)
+    assert int(module.num_batches_tracked) == int(theirs.num_batches_tracked) == 1
+    torch.testing.assert_close(module.running_var, theirs.running_var)
