@@ -28,6 +28,8 @@ VERBS: dict[str, tuple[str, str]] = {
     "bench": ("batchnorm.cli.bench", "kernel and end-to-end benchmarks, ours against torch's batch norm, side by side"),
     "report": ("batchnorm.cli.report", "rebuild report.html from a run folder"),
     "tune": ("batchnorm.cli.tune", "grid search (Optuna) over lr, momentum, weight decay, ... then the full run"),
+    "fold": ("batchnorm.cli.fold", "fold BN into the layers before it; check and save a self-contained program"),
+    "recalibrate": ("batchnorm.cli.recalibrate", "precise BN: recompute running statistics over the training split"),
 }
 
 THREADS_HELP = (
