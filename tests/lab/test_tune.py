@@ -8,6 +8,7 @@ built so that one setting is clearly best: with 60 steps a learning rate of
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -22,6 +23,8 @@ from typing import Any
 import pytest
 
 from batchnorm.cli import main
+from batchnorm.lab.data import load_dataset
+from batchnorm.lab.training import TrainConfig, train
 from batchnorm.lab.tune import FINISHED_STATES, parse_grid
 
 SMALL = ["--data", "synthetic", "--model", "mlp:64-32-10", "--no-progress"]
@@ -78,7 +81,11 @@ def test_parse_grid_converts_and_keeps_order() -> None:
         pytest.param(["lr=0"], r"--grid lr: expected finite numbers > 0, got '0'", id="zero-lr"),
         pytest.param(["momentum=-1"], r"expected finite numbers >= 0, got '-1'", id="negative-momentum"),
         pytest.param(["batch-size=1.5"], r"--grid batch-size: expected positive integers, got '1.5'", id="not-int"),
-        pytest.param(["norm=foo"], r"--grid norm: expected one of batch, none, got 'foo'", id="bad-choice"),
+        pytest.param(
+            ["norm=foo"],
+            r"--grid norm: expected one of batch, renorm, ghost, frozen, group, layer, none, got 'foo'",
+            id="bad-choice",
+        ),
         pytest.param(["init=uniform"], r"--grid init:", id="bad-init"),
         pytest.param(["lr"], r"expected NAME=V1,V2,... \(no '=' found\)", id="missing-equals"),
         pytest.param(["lr=1,1.0"], r"value '1.0' is listed twice", id="repeated-value"),
@@ -238,3 +245,55 @@ def test_killed_study_resumes_each_point_once(tmp_path: Path) -> None:
     states = Counter(trial["state"] for trial in results["trials"])
     assert states["interrupted"] <= 1
     assert set(states) <= {"complete", "diverged", "interrupted"}
+
+
+# --------------------------------------------------------------------------- selection on the validation split
+
+
+def test_selection_uses_the_validation_split_when_the_test_split_disagrees(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Test labels shifted by one class: a net that learns scores ~0 on test, one that cannot learn ~0.1.
+
+    Selecting on test would pick lr=0.0001; on the validation split (real labels, held out of the
+    training split) lr=1 is far better, and it must be the one picked.
+    """
+    real = load_dataset("synthetic")
+    shifted = dataclasses.replace(real, test_labels=(real.test_labels + 1) % 10)
+    monkeypatch.setattr("batchnorm.lab.tune.load_dataset", lambda *args, **kwargs: shifted)
+    code = _tune(tmp_path, "--grid", "lr=0.0001,1", "--trial-steps", "60", "--steps", "60", "--eval-every", "20")
+    assert code == 0, capsys.readouterr().err
+    results = _load(tmp_path)
+    assert results["objective"] == "val_accuracy"
+    assert results["best"] == {"lr": 1.0}
+    values = {trial["params"]["lr"]: trial["value"] for trial in results["trials"]}
+    assert values[1.0] > 0.9 > 0.5 > values[0.0001]
+    # Each trial's value is the validation accuracy of the same run trained on its own (deterministic).
+    base = TrainConfig(model="mlp:64-32-10", data="synthetic", steps=60, eval_every=20)
+    for lr, value in values.items():
+        again = train(dataclasses.replace(base, lr=lr), None, dataset=shifted, progress=False, test_eval="every")
+        assert again.final_val_accuracy == value
+        test_accuracy = again.final_accuracy
+        if lr == 1.0:
+            assert test_accuracy < 0.1  # what selecting on the test split would have punished
+    for trial in results["trials"]:  # trials never measure the test split
+        assert not any(key.startswith("test") for key in trial)
+    final = results["final"]
+    assert final["params"] == {"lr": 1.0}
+    assert final["val_accuracy"] == values[1.0]  # the full run repeats the best trial's 60 steps exactly
+    assert final["test_accuracy"] < 0.1
+    lines = [json.loads(line) for line in (tmp_path / "final" / "metrics.jsonl").read_text().splitlines()]
+    assert ["test_accuracy" in line for line in lines] == [False, False, True]  # the test split: once, at the end
+    out = capsys.readouterr().out
+    assert "val acc" in out
+    assert "best: lr=1 (validation accuracy" in out
+    assert "test accuracy (reported once)" in out
+
+
+def test_tune_refuses_no_validation_split(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = _tune(tmp_path, "--grid", "lr=0.1,1", "--val-fraction", "0")
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.strip() == (
+        "batchnorm: error: tune selects on the validation split: --val-fraction must be > 0 (default 0.1)"
+    )

@@ -14,6 +14,7 @@ __all__ = [
     "UsageError",
     "argument_type",
     "comma_separated",
+    "fraction",
     "non_negative_float",
     "positive_float",
     "positive_int",
@@ -53,6 +54,14 @@ def positive_float(text: str) -> float:
     value = non_negative_float(text)
     if value == 0:
         raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
+    return value
+
+
+def fraction(text: str) -> float:
+    """argparse type: a number in [0, 0.5] (a share of the training split)."""
+    value = non_negative_float(text)
+    if value > 0.5:
+        raise argparse.ArgumentTypeError(f"expected a number between 0 and 0.5, got {text!r}")
     return value
 
 

@@ -37,6 +37,11 @@ def _config(args: argparse.Namespace) -> TrainConfig:
     """The model and data options as a :class:`TrainConfig` (not validated: the model builder checks what it uses)."""
     defaults = TrainConfig()
     return TrainConfig(
+        groups=args.groups,
+        virtual_batch_size=args.virtual_batch_size,
+        rmax=args.rmax,
+        dmax=args.dmax,
+        renorm_warmup=args.renorm_warmup,
         model=args.model or defaults.model,
         act=args.act or defaults.act,
         norm=args.norm or defaults.norm,
@@ -70,6 +75,13 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         json.dump(records, sys.stdout)
         sys.stdout.write("\n")
+    elif not records:
+        kinds = sorted({type(module).__name__ for name, module in model.named_modules() if name.startswith("bn")})
+        what = f" (its normalization layers are {', '.join(kinds)})" if kinds else ""
+        print(
+            f"nothing to explain: this model has no batch-norm layer{what}, so no layer computes a mean and "
+            "variance over the batch. Use --norm batch, renorm or ghost to see BN's statistics."
+        )
     else:
         print(f"{len(records)} BN layer(s) on a batch of shape {tuple(batch.shape)}:")
         print(format_table(records))
@@ -78,4 +90,16 @@ def run(args: argparse.Namespace) -> int:
             "statistic of a feature pools every value of that feature over the reduced axes (the batch and, for "
             "conv layers, every spatial position), so layer widths never need to match."
         )
+        modules = dict(model.named_modules())
+        for record in records:
+            size = getattr(modules.get(record["name"]), "virtual_batch_size", None)
+            batch_size = record["input_shape"][0]
+            if size is not None and not args.eval and batch_size > size:
+                chunks = -(-batch_size // size)
+                print(
+                    f"{record['name']} is Ghost BN: in training it computes these statistics per virtual batch of "
+                    f"{size} examples ({chunks} of them in this batch of {batch_size}), so each statistic pools at "
+                    f"most {record['values_per_statistic'] * size // batch_size} values; the table shows the whole "
+                    "batch's."
+                )
     return 0

@@ -9,15 +9,16 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from batchnorm.cli.argtypes import non_negative_float, positive_float, positive_int
+from batchnorm.cli.argtypes import fraction, non_negative_float, positive_float, positive_int
 from batchnorm.lab.data import DATASETS, INPUT_NORMS
-from batchnorm.lab.models import ACTIVATIONS, INIT_HELP, NORMS, PLACEMENTS, SPEC_HELP
+from batchnorm.lab.models import ACTIVATIONS, INIT_HELP, NORM_HELP, NORMS, PLACEMENTS, SPEC_HELP
 from batchnorm.lab.training import TrainConfig
 
 __all__ = [
     "add_data_arguments",
     "add_model_arguments",
     "add_optimizer_arguments",
+    "add_validation_argument",
     "config_from_args",
     "requested_model",
 ]
@@ -28,9 +29,7 @@ def add_model_arguments(parser: argparse.ArgumentParser, defaults: TrainConfig) 
     group = parser.add_argument_group("model")
     group.add_argument("--model", default=None, help=f"{SPEC_HELP} (default {defaults.model})")
     group.add_argument("--act", choices=ACTIVATIONS, default=None, help=f"nonlinearity (default {defaults.act})")
-    group.add_argument(
-        "--norm", choices=NORMS, default=None, help=f"BN in every hidden layer, or none (default {defaults.norm})"
-    )
+    group.add_argument("--norm", choices=NORMS, default=None, help=f"{NORM_HELP} (default {defaults.norm})")
     group.add_argument(
         "--placement",
         choices=PLACEMENTS,
@@ -39,6 +38,51 @@ def add_model_arguments(parser: argparse.ArgumentParser, defaults: TrainConfig) 
         f"(default {defaults.placement})",
     )
     group.add_argument("--init", default=defaults.init, help=f"{INIT_HELP} (default %(default)s)")
+    variants = parser.add_argument_group("normalization variants (each used only by its --norm)")
+    variants.add_argument(
+        "--groups",
+        type=positive_int,
+        default=defaults.groups,
+        help="--norm group: at most this many groups; the largest divisor of the layer's width that leaves 16 "
+        "values per group and example (default %(default)s: width 100 -> 5 groups, 16 channels of 28x28 -> 16)",
+    )
+    variants.add_argument(
+        "--virtual-batch-size",
+        type=positive_int,
+        default=defaults.virtual_batch_size,
+        help="--norm ghost: examples per virtual batch (default %(default)s; a remainder is a virtual batch of its "
+        "own)",
+    )
+    variants.add_argument(
+        "--rmax",
+        type=positive_float,
+        default=defaults.rmax,
+        help="--norm renorm: r clipped to [1/rmax, rmax], >= 1 (default %(default)s)",
+    )
+    variants.add_argument(
+        "--dmax",
+        type=non_negative_float,
+        default=defaults.dmax,
+        help="--norm renorm: d clipped to [-dmax, dmax] (default %(default)s)",
+    )
+    variants.add_argument(
+        "--renorm-warmup",
+        type=int,
+        default=defaults.renorm_warmup,
+        help="--norm renorm: steps of plain BN relaxing linearly to --rmax/--dmax (default %(default)s)",
+    )
+
+
+def add_validation_argument(parser: argparse.ArgumentParser, defaults: TrainConfig) -> None:
+    """``--val-fraction``: the validation split carved from the training split (train, compare, tune)."""
+    parser.add_argument(
+        "--val-fraction",
+        type=fraction,
+        default=defaults.val_fraction,
+        help="share of each class of the training split held out as the validation split (stratified, fixed "
+        "seed; model selection uses it, never the test split); 0 trains on the whole training split "
+        "(default %(default)s)",
+    )
 
 
 def add_data_arguments(parser: argparse.ArgumentParser, defaults: TrainConfig) -> None:
@@ -99,8 +143,14 @@ def requested_model(args: argparse.Namespace) -> dict[str, str]:
 
 def config_from_args(args: argparse.Namespace, defaults: TrainConfig) -> TrainConfig:
     """A validated :class:`TrainConfig` from parsed options (``ValueError`` on bad values)."""
+    variant = {
+        name: getattr(args, name)
+        for name in ("groups", "virtual_batch_size", "rmax", "dmax", "renorm_warmup", "val_fraction")
+        if getattr(args, name, None) is not None
+    }
     config = dataclasses.replace(
         defaults,
+        **variant,
         model=args.model if args.model is not None else defaults.model,
         act=args.act if args.act is not None else defaults.act,
         norm=args.norm if args.norm is not None else defaults.norm,

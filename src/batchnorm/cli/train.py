@@ -10,6 +10,7 @@ from batchnorm.cli.options import (
     add_data_arguments,
     add_model_arguments,
     add_optimizer_arguments,
+    add_validation_argument,
     config_from_args,
     requested_model,
 )
@@ -33,11 +34,13 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.description = (
         "Train one network with SGD. Writes metrics.jsonl and checkpoint.pt (atomic) into --out; --resume "
         "continues a run exactly. A divergence guard stops a run whose loss or weights blow up (exit code 3), "
-        "keeping the last good checkpoint. " + THREADS_NOTE
+        "keeping the last good checkpoint. A validation split (--val-fraction of each class) is held out of the "
+        "training split and reported at every evaluation next to the test split. " + THREADS_NOTE
     )
     add_model_arguments(parser, defaults)
     add_data_arguments(parser, defaults)
     add_optimizer_arguments(parser, defaults)
+    add_validation_argument(parser, defaults)
     parser.add_argument(
         "--checkpoint-every", type=positive_int, default=defaults.checkpoint_every, help="checkpoint interval"
     )
@@ -65,8 +68,11 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_DIVERGED
     except ValueError as error:
         raise UsageError(str(error)) from None
+    validation = (
+        f"validation accuracy {result.final_val_accuracy:.4f}, " if result.val_accuracy else "no validation split, "
+    )
+    test = f"test accuracy {result.final_accuracy:.4f}" if result.test_accuracy else "test split not evaluated"
     print(
-        f"done: {result.final_step} steps in {result.seconds:.1f} s, test accuracy {result.final_accuracy:.4f}; "
-        f"checkpoint {result.checkpoint}"
+        f"done: {result.final_step} steps in {result.seconds:.1f} s, {validation}{test}; checkpoint {result.checkpoint}"
     )
     return 0

@@ -11,7 +11,13 @@ from pathlib import Path
 import torch
 
 from batchnorm.cli.argtypes import positive_int
-from batchnorm.cli.options import add_data_arguments, add_model_arguments, add_optimizer_arguments, config_from_args
+from batchnorm.cli.options import (
+    add_data_arguments,
+    add_model_arguments,
+    add_optimizer_arguments,
+    add_validation_argument,
+    config_from_args,
+)
 from batchnorm.lab.data import load_dataset
 from batchnorm.lab.training import EXIT_DIVERGED, TrainConfig
 from batchnorm.lab.tune import (
@@ -35,10 +41,12 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     options = ", ".join(option_name(name) for name in GRID_OPTIONS)
     parser.description = (
         "Grid search with Optuna's grid sampler: one short run (--trial-steps) per grid point, then the full run "
-        "(--steps) with the setting of highest test accuracy. The study lives in SQLite (--out/study.db) or "
-        "--storage; running the same command again resumes without repeating finished points. Runs stopped by "
-        "the divergence guard are recorded as diverged. Writes tune.json, heatmaps and report.html into --out. "
-        "The options below set every trial's base values; --grid overrides them."
+        "(--steps) with the setting of highest accuracy on the validation split (--val-fraction of each class, "
+        "held out of the training split; trials never see the test split, and the full run reports it once). "
+        "The study lives in SQLite (--out/study.db) or --storage; running the same command again resumes "
+        "without repeating finished points. Runs stopped by the divergence guard are recorded as diverged. "
+        "Writes tune.json, heatmaps and report.html into --out. The options below set every trial's base "
+        "values; --grid overrides them."
     )
     parser.add_argument(
         "--grid",
@@ -56,6 +64,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser, defaults)
     add_data_arguments(parser, defaults)
     add_optimizer_arguments(parser, defaults)
+    add_validation_argument(parser, defaults)
     # argparse has no public way to reword an option another module added.
     steps_option = parser._option_string_actions["--steps"]
     steps_option.help = f"SGD steps of the full run with the best setting (default {defaults.steps})"
@@ -113,15 +122,18 @@ def run(args: argparse.Namespace) -> int:
     if results["best"] is None:
         sys.stderr.write("batchnorm: every trial diverged; no setting to train fully\n")
         return EXIT_DIVERGED
-    print(f"best: {format_params(results['best'])} (test accuracy {results['best_trial']['value']:.4f})")
+    print(f"best: {format_params(results['best'])} (validation accuracy {results['best_trial']['value']:.4f})")
     final_record = results["final"]
     if final_record is not None:
         if final_record["state"] == "diverged":
             sys.stderr.write(f"batchnorm: the full run diverged: {final_record['message']}\n")
             return EXIT_DIVERGED
+        validation = final_record.get("val_accuracy")
         print(
-            f"full run: {final_record['steps']} steps, test accuracy {final_record['test_accuracy']:.4f}, "
-            f"test loss {final_record['test_loss']:.4f}; checkpoint {final_record['checkpoint']}"
+            f"full run: {final_record['steps']} steps, validation accuracy "
+            f"{validation if validation is None else format(validation, '.4f')}, test accuracy (reported once) "
+            f"{final_record['test_accuracy']:.4f}, test loss {final_record['test_loss']:.4f}; "
+            f"checkpoint {final_record['checkpoint']}"
         )
     print(
         f"wrote {out / 'tune.json'}, {len(results['heatmaps'])} heatmaps and {out / 'report.html'} "

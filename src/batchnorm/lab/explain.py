@@ -373,6 +373,7 @@ def prepare(
             config.init,
             image_size=dataset.image_size,
             seed=config.seed,
+            norm_options=config.norm_options(),
         )
         normalizer = InputNormalizer.fit(config.input_norm, dataset.train_images)
     if batch_size > len(dataset.train_images):

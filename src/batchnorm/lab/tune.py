@@ -2,8 +2,8 @@
 
 ``batchnorm tune --grid lr=0.05,0.5,5 --grid norm=batch,none`` trains one
 short run (``--trial-steps``) per point of the grid, each with the same seed,
-init and batches, keeps the setting with the highest final test accuracy
-(ties: the lower test loss), and trains it for ``--steps``. The answers to the
+init and batches, keeps the setting with the highest final *validation*
+accuracy (ties: the lower validation loss), and trains it for ``--steps``. The answers to the
 question this project grew from recommend exactly that: search the starting
 learning rate, momentum and weight decay with short runs, then train fully;
 and they warn that bad values make training blow up, which is why BN's wider
@@ -34,15 +34,21 @@ the table, ``tune.json`` and the heatmaps, never dropped.
 
 Files written into ``--out``: ``study.db``, ``tune.json`` (every trial with
 params, state and value, the best params and the final run's metrics),
-``heatmap_*.png`` (test accuracy over each pair of grid options, diverged
+``heatmap_*.png`` (validation accuracy over each pair of grid options, diverged
 cells hatched; one panel per ``norm`` when the grid varies it),
 ``report.html`` (all of it on one self-contained page) and ``final/``
 (``metrics.jsonl`` and ``checkpoint.pt`` of the full run, which a rerun
 resumes).
 
-The objective is the *test* accuracy, as the ``compare`` experiment reports;
-the embedded data sets have no separate validation split, so the selected
-setting's test accuracy is optimistically biased.
+The objective is the accuracy on the validation split
+(:func:`batchnorm.lab.data.split_validation`: ``--val-fraction`` of each class
+of the training split, default 0.1, the same examples for every trial; the
+trials train on the rest). Trials never evaluate the test split. The full
+run of the best setting trains on the same examples and evaluates the test
+split once, at its last step: that number is an unbiased estimate for the
+selected setting. (Before the validation split existed, the objective was
+the test accuracy; such studies are not reused, as the study definition
+names its objective.)
 """
 
 from __future__ import annotations
@@ -72,7 +78,7 @@ import torch
 from optuna.trial import FrozenTrial, Trial, TrialState
 from torch import nn
 
-from batchnorm.lab.data import INPUT_NORMS, Dataset, load_dataset
+from batchnorm.lab.data import INPUT_NORMS, Dataset, load_dataset, split_validation
 from batchnorm.lab.figures import embed_png, pyplot
 from batchnorm.lab.models import ACTIVATIONS, NORMS, PLACEMENTS, parse_init
 from batchnorm.lab.training import (
@@ -114,6 +120,7 @@ POLL_SECONDS = 1.0
 DEFAULT_TRIAL_STEPS = 500
 SQLITE_BUSY_TIMEOUT_SECONDS = 60
 FINISHED_STATES = ("complete", "diverged")
+OBJECTIVE = "val_accuracy"
 
 
 # --------------------------------------------------------------------------- grid strings
@@ -168,6 +175,10 @@ GRID_OPTIONS: dict[str, Callable[[str, str], GridValue]] = {
     "placement": _choice(PLACEMENTS),
     "init": _init,
     "input_norm": _choice(INPUT_NORMS),
+    "groups": _integer,
+    "virtual_batch_size": _integer,
+    "rmax": lambda name, text: _number(name, text, positive=True),
+    "dmax": lambda name, text: _number(name, text, positive=False),
 }
 
 
@@ -242,7 +253,7 @@ def study_definition(grid: Grid, base: TrainConfig) -> dict[str, Any]:
     settings = dataclasses.asdict(base)
     for name in (*grid, "data_dir", "checkpoint_every"):
         settings.pop(name, None)
-    return {"grid": grid, "base": settings}
+    return {"grid": grid, "base": settings, "objective": OBJECTIVE}
 
 
 def default_study_name(definition: dict[str, Any]) -> str:
@@ -485,7 +496,7 @@ class WorkerJob:
 
 
 class _ReportToTrial:
-    """Sends each test-set evaluation of a trial to Optuna as an intermediate value."""
+    """Sends each validation accuracy of a trial to Optuna as an intermediate value."""
 
     def __init__(self, trial: Trial) -> None:
         self.trial = trial
@@ -497,7 +508,7 @@ class _ReportToTrial:
         pass
 
     def on_eval(self, step: int, model: nn.Module, metrics: dict[str, float]) -> None:
-        self.trial.report(metrics["test_accuracy"], step)
+        self.trial.report(metrics["val_accuracy"], step)
 
 
 def _find_duplicate(study: optuna.Study, trial: Trial, params: dict[str, Any]) -> int | None:
@@ -515,7 +526,9 @@ def _find_duplicate(study: optuna.Study, trial: Trial, params: dict[str, Any]) -
 def _train_trial(trial: Trial, config: TrainConfig, dataset: Dataset) -> float:
     started = time.perf_counter()
     try:
-        result = train(config, None, dataset=dataset, callbacks=[_ReportToTrial(trial)], progress=False)
+        result = train(
+            config, None, dataset=dataset, callbacks=[_ReportToTrial(trial)], progress=False, test_eval="never"
+        )
     except DivergenceError as error:
         message = str(error)
         step = re.search(r"at step (\d+)", message)
@@ -526,10 +539,10 @@ def _train_trial(trial: Trial, config: TrainConfig, dataset: Dataset) -> float:
         raise optuna.TrialPruned(message) from None
     trial.set_user_attr("state", "complete")
     trial.set_user_attr("steps", result.final_step)
-    trial.set_user_attr("test_loss", result.test_loss[-1])
+    trial.set_user_attr("val_loss", result.val_loss[-1])
     trial.set_user_attr("train_loss", result.train_loss[-1])
     trial.set_user_attr("seconds", result.seconds)
-    return result.final_accuracy
+    return result.final_val_accuracy
 
 
 def run_worker(job: WorkerJob, dataset: Dataset | None = None, on_progress: Callable[[], None] | None = None) -> None:
@@ -609,7 +622,7 @@ def trial_records(study: optuna.Study, grid: Grid) -> list[dict[str, Any]]:
             "state": state,
             "value": trial.value if state == "complete" else None,
         }
-        for name in ("test_loss", "train_loss", "steps", "seconds", "message", "duplicate_of"):
+        for name in ("val_loss", "train_loss", "steps", "seconds", "message", "duplicate_of"):
             if name in trial.user_attrs:
                 record[name] = trial.user_attrs[name]
         records.append(record)
@@ -618,7 +631,7 @@ def trial_records(study: optuna.Study, grid: Grid) -> list[dict[str, Any]]:
 
 def _sort_key(record: dict[str, Any]) -> tuple[int, float, float, int]:
     if record["state"] == "complete" and record["value"] is not None and math.isfinite(record["value"]):
-        loss = record.get("test_loss")
+        loss = record.get("val_loss")
         return (0, -record["value"], loss if loss is not None and math.isfinite(loss) else math.inf, record["number"])
     return (1 if record["state"] == "diverged" else 2, 0.0, 0.0, record["number"])
 
@@ -633,18 +646,18 @@ def _finished_points(records: list[dict[str, Any]], grid: Grid) -> set[tuple[Any
 
 
 def best_record(records: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """The completed trial with the highest test accuracy (ties: lower test loss, then earlier trial)."""
+    """The completed trial with the highest validation accuracy (ties: lower validation loss, then earlier trial)."""
     table = results_table(records)
     return table[0] if table and _sort_key(table[0])[0] == 0 else None
 
 
 def format_table(rows: list[dict[str, Any]], grid: Grid, best_number: int | None = None) -> str:
     """The sorted results as aligned text columns."""
-    header = ["rank", *[option_name(name) for name in grid], "state", "test acc", "test loss", "seconds"]
+    header = ["rank", *[option_name(name) for name in grid], "state", "val acc", "val loss", "seconds"]
     lines = [header]
     for rank, row in enumerate(rows, start=1):
         accuracy = f"{row['value']:.4f}" if row["value"] is not None else "-"
-        loss = row.get("test_loss")
+        loss = row.get("val_loss")
         state = row["state"]
         if state == "diverged" and row.get("steps") is not None:
             state = f"diverged at step {row['steps']}"
@@ -680,7 +693,7 @@ def _heatmap_layout(grid: Grid) -> tuple[str | None, list[tuple[str, str | None]
 
 
 def draw_heatmaps(records: list[dict[str, Any]], grid: Grid, out: Path, trial_steps: int) -> list[Path]:
-    """One PNG per pair of varied grid options: final test accuracy per cell, diverged cells hatched.
+    """One PNG per pair of varied grid options: final validation accuracy per cell, diverged cells hatched.
 
     A cell shows the best accuracy over the grid options not on the axes;
     it is hatched and labelled "diverged" when every trial in it diverged,
@@ -742,7 +755,7 @@ def draw_heatmaps(records: list[dict[str, Any]], grid: Grid, out: Path, trial_st
             if facet is not None:
                 axis.set_title(f"{facet}={facet_value}")
         if image is not None:
-            figure.colorbar(image, ax=list(axes[0]), label=f"test accuracy after {trial_steps} steps")
+            figure.colorbar(image, ax=list(axes[0]), label=f"validation accuracy after {trial_steps} steps")
         stem = f"heatmap_{x_name}" + (f"_x_{y_name}" if y_name is not None else "")
         path = out / f"{stem}.png"
         figure.savefig(path, dpi=100, bbox_inches="tight")
@@ -759,9 +772,9 @@ def write_tune_report(out: Path, results: dict[str, Any], heatmaps: list[Path]) 
     best_number = results.get("best_trial", {}).get("number") if results.get("best_trial") else None
     table_text = format_table(rows, grid, best_number)
     figures = "".join(
-        f"<figure>{embed_png(path)}<figcaption>Final test accuracy of the {results['trial_steps']}-step trials: each "
-        "cell shows the best over the grid options not on its axes, 'k/m div' when k of its m trials diverged; "
-        "hatched cells diverged entirely (stopped by the divergence guard).</figcaption></figure>"
+        f"<figure>{embed_png(path)}<figcaption>Final validation accuracy of the {results['trial_steps']}-step "
+        "trials: each cell shows the best over the grid options not on its axes, 'k/m div' when k of its m "
+        "trials diverged; hatched cells diverged entirely (stopped by the divergence guard).</figcaption></figure>"
         for path in heatmaps
     )
     grid_text = "; ".join(f"{option_name(n)} = {', '.join(_format_value(v) for v in vs)}" for n, vs in grid.items())
@@ -771,7 +784,9 @@ def write_tune_report(out: Path, results: dict[str, Any], heatmaps: list[Path]) 
 <h2>Grid search</h2>
 <p>Grid: {html.escape(grid_text)}. Each point trained for {results["trial_steps"]} steps from the same seed,
 init and batches (Optuna's grid sampler, study <code>{html.escape(results["study"])}</code>). Runs stopped by
-the divergence guard are listed as diverged.</p>
+the divergence guard are listed as diverged. Trials are ranked by their accuracy on the validation split
+(held out of the training split; the trials never see the test split); the full run of the best setting
+reports the test split once.</p>
 <pre>{html.escape(table_text)}</pre>
 {figures}
 <h3>Best setting and full run</h3>
@@ -824,7 +839,9 @@ def _final_run(config: TrainConfig, out: Path, dataset: Dataset, progress: bool)
         }:
             resume = checkpoint
     try:
-        result = train(config, out, resume=resume, dataset=dataset, progress=progress, description="final")
+        result = train(
+            config, out, resume=resume, dataset=dataset, progress=progress, description="final", test_eval="final"
+        )
     except DivergenceError as error:
         return {"state": "diverged", "message": str(error), "steps": config.steps}
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
@@ -832,6 +849,8 @@ def _final_run(config: TrainConfig, out: Path, dataset: Dataset, progress: bool)
     final = {
         "state": "complete",
         "steps": config.steps,
+        "val_accuracy": last.get("val_accuracy"),
+        "val_loss": last.get("val_loss"),
         "test_accuracy": last.get("test_accuracy", result.final_accuracy),
         "test_loss": last.get("test_loss"),
         "train_loss": last.get("train_loss"),
@@ -906,13 +925,18 @@ def tune(
     from tqdm import tqdm
 
     base.validate()
+    if base.val_fraction <= 0:
+        raise ValueError("tune selects on the validation split: --val-fraction must be > 0 (default 0.1)")
     points = grid_points(grid)
     for point in points:
         with_params(base, point).validate()
     dataset = load_dataset(base.data, base.data_dir, seed=base.seed)
+    kept = len(split_validation(dataset, base.val_fraction).train_images)
     for size in grid.get("batch_size", [base.batch_size]):
-        if int(size) > len(dataset.train_images):
-            raise ValueError(f"batch size {size} is larger than the training split ({len(dataset.train_images)})")
+        if int(size) > kept:
+            raise ValueError(
+                f"batch size {size} is larger than the training split without its validation part ({kept})"
+            )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     storage_url = storage or f"sqlite:///{(out / 'study.db').resolve()}"
@@ -964,7 +988,8 @@ def tune(
         "trial_steps": base.steps,
         "trials": records,
         "best": best["params"] if best is not None else None,
-        "best_trial": {k: best[k] for k in ("number", "value", "test_loss")} if best is not None else None,
+        "objective": OBJECTIVE,
+        "best_trial": {k: best.get(k) for k in ("number", "value", "val_loss")} if best is not None else None,
         "final": None,
         "unfinished": missing,
         "search_seconds": search_seconds,
