@@ -14,8 +14,7 @@ import pytest
 import torch
 
 from batchnorm.cli import main
-from batchnorm.lab import data as data_module
-from batchnorm.lab.data import load_dataset
+from batchnorm.lab.data import load_dataset, split_validation
 from batchnorm.lab.training import load_checkpoint, model_from_checkpoint
 from helpers import run_cli
 
@@ -149,9 +148,8 @@ def _training_part(checkpoint: Path) -> torch.Tensor:
     """The normalized images of the split the run trained on (the validation part carved off, if any)."""
     _, config, normalizer, _ = model_from_checkpoint(checkpoint)
     dataset = load_dataset(config.data, seed=config.seed)
-    fraction = float(getattr(config, "val_fraction", 0.0) or 0.0)
-    if fraction > 0:
-        dataset = data_module.split_validation(dataset, fraction)  # type: ignore[attr-defined]
+    if config.val_fraction > 0:
+        dataset = split_validation(dataset, config.val_fraction)
     return normalizer(dataset.train_images)
 
 

@@ -17,7 +17,7 @@ from torch import Tensor
 from batchnorm.cli.argtypes import UsageError, positive_int
 from batchnorm.cli.fold import check_output_path, load_data_of
 from batchnorm.deploy import recalibrate
-from batchnorm.lab import data as data_module
+from batchnorm.lab.data import split_validation
 from batchnorm.lab.training import _atomic_save, evaluate, model_from_checkpoint
 
 __all__ = ["configure_parser", "run"]
@@ -80,10 +80,8 @@ def run(args: argparse.Namespace) -> int:
     model, config, normalizer, payload = model_from_checkpoint(checkpoint)
     dataset = load_data_of(config, args.data_dir)
     # The training part only, when the run carved a validation split from the training split.
-    split = getattr(data_module, "split_validation", None)
-    fraction = float(getattr(config, "val_fraction", 0.0) or 0.0)
-    if split is not None and fraction > 0:
-        dataset = split(dataset, fraction)
+    if config.val_fraction > 0:
+        dataset = split_validation(dataset, config.val_fraction)
     train_images = normalizer(dataset.train_images)
     test_images, test_labels = normalizer(dataset.test_images), dataset.test_labels
     size = args.batch_size if args.batch_size is not None else config.batch_size
