@@ -727,7 +727,7 @@ def test_plan_on_the_cpu_with_native_kernels() -> None:
 
 
 @requires_native
-def test_plan_of_eval_with_a_gradient_is_composite() -> None:
+def test_plan_of_eval_with_a_gradient_is_fused() -> None:
     x = torch.randn(4, 3, 5)
     weight, bias = torch.ones(3), torch.zeros(3)
     for args in (
@@ -735,7 +735,7 @@ def test_plan_of_eval_with_a_gradient_is_composite() -> None:
         (x, weight.clone().requires_grad_(), bias),
         (x, weight, bias.clone().requires_grad_()),
     ):
-        assert _route(kernels.plan(args[0], False, args[1], args[2])) == ("composite", "torch")
+        assert _route(kernels.plan(args[0], False, args[1], args[2])) == ("fused", "native")
         with torch.no_grad():
             assert _route(kernels.plan(args[0], False, args[1], args[2])) == ("fused", "native")
         assert _route(kernels.plan(args[0], True, args[1], args[2])) == ("fused", "native")

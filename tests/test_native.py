@@ -540,16 +540,15 @@ def test_batch_norm_takes_what_the_operator_declines(case: str, native_calls: li
 
 
 @requires_native
-@pytest.mark.parametrize("case", ["requires-grad", "weight-requires-grad", "strided-input", "float64-stats", "eps-0"])
+@pytest.mark.parametrize("case", ["running-mean-requires-grad", "strided-input", "float64-stats", "eps-0"])
 def test_inference_operator_declines(case: str) -> None:
     x = _data((6, 4))
     weight, bias = _parameters(4, torch.float32)
     running_mean, running_var, _ = _buffers(4, torch.float32)
     eps = EPS
-    if case == "requires-grad":
+    if case == "running-mean-requires-grad":  # torch's op does not differentiate the running statistics
         x.requires_grad_()
-    elif case == "weight-requires-grad":
-        weight.requires_grad_()
+        running_mean.requires_grad_()
     elif case == "strided-input":
         x = _data((6, 8))[:, ::2]
     elif case == "float64-stats":
@@ -558,7 +557,7 @@ def test_inference_operator_declines(case: str) -> None:
         eps = 0.0
     before = (x.detach().clone(), running_mean.clone(), running_var.clone())
     assert native.inference(x, running_mean, running_var, weight, bias, 1, eps) is None
-    assert all(torch.equal(a, b) for a, b in zip(before, (x.detach(), running_mean, running_var)))
+    assert all(torch.equal(a, b) for a, b in zip(before, (x.detach(), running_mean.detach(), running_var)))
 
 
 # --- non-finite batches --------------------------------------------------------------------------------------------
@@ -862,6 +861,74 @@ def test_large_float32_outputs_match_the_reference(layout: Layout) -> None:
     _check_primitive_operators(x, layout.axis, layout.like(grad_output))
 
 
+# --- bfloat16 outputs: vectors of 16, rows that straddle them, streaming stores ------------------------------------
+
+BF16_LAYOUTS = [
+    Layout("rows-131", (3, 5, 131)),  # 8 vectors and 3 elements a row: every row ends inside a vector
+    Layout("rows-196", (4, 6, 14, 14)),
+    Layout("rows-7", (5, 3, 7)),  # rows shorter than a vector
+    Layout("rows-16", (3, 4, 16)),
+    Layout("rows-17", (3, 4, 17)),
+    Layout("dense-55", (9, 55)),  # 16 + 16 + 16 + 7 per row: every tail
+    Layout("channels-last", (2, 40, 3, 5), memory_format=torch.channels_last),
+    Layout("streamed-rows-131", (9, 16, 131, 131)),  # 4.9 MiB of bfloat16 per thread: streaming stores
+    Layout("streamed-channels-last", (8, 48, 80, 80), memory_format=torch.channels_last),
+]
+
+
+def _bf16_ulp(values: torch.Tensor) -> torch.Tensor:
+    """The spacing of bfloat16 numbers at ``values`` (float64), for normal numbers."""
+    exponent = torch.floor(torch.log2(values.abs().clamp_min(2.0**-126)))
+    return torch.pow(2.0, exponent - 7)
+
+
+@requires_native
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("layout", BF16_LAYOUTS, ids=[layout.name for layout in BF16_LAYOUTS])
+def test_bfloat16_outputs_are_rounded_to_nearest(layout: Layout, threads: int) -> None:
+    """Eval and normalize of bfloat16 inputs: every output within one bfloat16 step of the float64 value (and
+    float32 rounding of the terms), nearly all of them the nearest bfloat16 (float32 arithmetic can tip a value
+    lying within 1e-7 of a midpoint), NaN and infinity propagated, the input's layout kept."""
+    torch.set_num_threads(threads)
+    try:
+        x = layout.make(torch.bfloat16)
+        flat = x.view(-1) if x.is_contiguous() else x.permute(0, 2, 3, 1).reshape(-1)
+        flat[7] = float("nan")
+        flat[x.numel() // 2 + 3] = float("inf")
+        weight, bias = _parameters(layout.features, torch.bfloat16)
+        running_mean, running_var, _ = _buffers(layout.features, torch.bfloat16)
+        shape = [1] * x.dim()
+        shape[layout.axis] = layout.features
+        exact = (x.double() - running_mean.double().view(shape)) / torch.sqrt(running_var.double().view(shape) + EPS)
+        exact = exact * weight.double().view(shape) + bias.double().view(shape)
+        scale = weight.double().view(shape) / torch.sqrt(running_var.double().view(shape) + EPS)
+        terms = (x.double().abs() + running_mean.double().abs().view(shape)) * scale.abs() + bias.double().abs().view(
+            shape
+        )
+        invstd = 1 / torch.sqrt(running_var.double() + EPS)
+        outputs = {
+            "eval": native.inference(x, running_mean, running_var, weight, bias, layout.axis, EPS),
+            "normalize": kernels.normalize(
+                x, running_mean, invstd.float(), weight, bias, layout.axis, backend="native"
+            ),
+        }
+        for what, y in outputs.items():
+            assert y is not None, what
+            assert y.dtype == torch.bfloat16, what
+            _same_layout(y, x, layout)
+            finite = exact.isfinite()
+            assert torch.equal(y.isnan(), exact.isnan()), what
+            assert torch.equal(y.isinf() & (y > 0), exact.isinf() & (exact > 0)), what
+            error = (y.double() - exact)[finite].abs()
+            # One bfloat16 step, plus float32 rounding of the terms summed (x * scale + shift cancels near 0).
+            allowed = _bf16_ulp(exact[finite]) + 2.0**-22 * terms[finite]
+            assert bool((error <= allowed).all()), f"{what}: an output more than one step away"
+            nearest = (y[finite] == exact[finite].float().to(torch.bfloat16)).double().mean().item()
+            assert nearest >= 0.999, f"{what}: only {nearest:.5f} rounded to nearest"
+    finally:
+        torch.set_num_threads(1)
+
+
 # --- eval through batch_norm ---------------------------------------------------------------------------------------
 
 
@@ -895,21 +962,69 @@ def test_eval_matches_the_float64_reference(layout: Layout, dtype_name: str, mon
 
 
 @requires_native
+@pytest.mark.parametrize("dtype_name", list(DTYPES))
 @pytest.mark.parametrize("layout", LAYOUTS, ids=LAYOUT_IDS)
-def test_eval_with_gradients_falls_back_and_is_differentiable(layout: Layout) -> None:
-    x = layout.make(torch.float32).requires_grad_()
-    weight, bias = (t.requires_grad_() for t in _parameters(layout.features, torch.float32))
-    running_mean, running_var, _ = _buffers(layout.features, torch.float32)
-    assert native.inference(x, running_mean, running_var, weight, bias, layout.axis, EPS) is None
-    y = batch_norm(x, running_mean, running_var, weight, bias, False, 0.1, EPS, layout.axis)
+def test_eval_with_gradients_runs_the_native_node(layout: Layout, dtype_name: str) -> None:
+    """Eval with a gradient (fine-tuning on frozen statistics): the native node, matching float64 torch."""
+    dtype = DTYPES[dtype_name]
+    x = layout.make(dtype).requires_grad_()
+    weight, bias = (t.requires_grad_() for t in _parameters(layout.features, dtype))
+    running_mean, running_var, _ = _buffers(layout.features, dtype)
+    before = (running_mean.clone(), running_var.clone())
+    y = native.inference(x, running_mean, running_var, weight, bias, layout.axis, EPS)
+    assert y is not None
     assert y.requires_grad
-    assert y.grad_fn is not None
-    grad_output = torch.randn(layout.shape)
+    assert "Eval" in type(y.grad_fn).__name__ or "Eval" in y.grad_fn.name()
+    _same_layout(y, x, layout)
+    grad_output = layout.like(torch.randn(layout.shape).to(dtype))
     grads = torch.autograd.grad(y, (x, weight, bias), grad_output)
     expected = _reference(x, layout.axis, weight, bias, running_mean, running_var, None, 0, grad_output, False)
     _assert_close(y, expected.y, "y")
     for name, grad in zip(("x", "weight", "bias"), grads):
-        _assert_close(grad, expected.grads[name], f"grad {name}", grad=True)
+        _assert_close(grad, expected.grads[name], f"grad {name}", grad=True, dtype=dtype)
+    assert grads[0].dtype == dtype
+    assert grads[1].dtype == weight.dtype
+    assert torch.equal(running_mean, before[0])
+    assert torch.equal(running_var, before[1])
+
+
+@requires_native
+@pytest.mark.parametrize("wanted", ["x", "weight", "bias", "x+weight"])
+def test_eval_with_gradients_on_a_subset_of_inputs(wanted: str) -> None:
+    """Only what requires a gradient gets one; torch's op in float64 is the reference."""
+    x = torch.randn(6, 4, 3, 5, dtype=torch.float64)
+    weight, bias = torch.linspace(0.5, 1.5, 4, dtype=torch.float64), torch.linspace(-1, 1, 4, dtype=torch.float64)
+    running_mean, running_var = torch.randn(4, dtype=torch.float64), torch.rand(4, dtype=torch.float64) + 0.5
+    ours = [t.clone().requires_grad_(name in wanted) for t, name in ((x, "x"), (weight, "weight"), (bias, "bias"))]
+    theirs = [t.clone().requires_grad_(name in wanted) for t, name in ((x, "x"), (weight, "weight"), (bias, "bias"))]
+    grad_output = torch.randn(6, 4, 3, 5, dtype=torch.float64)
+    y = batch_norm(ours[0], running_mean, running_var, ours[1], ours[2], False, 0.1, EPS)
+    expected = torch.nn.functional.batch_norm(
+        theirs[0], running_mean, running_var, theirs[1], theirs[2], False, 0.1, EPS
+    )
+    torch.testing.assert_close(y, expected, rtol=1e-12, atol=1e-12)
+    y.backward(grad_output)
+    expected.backward(grad_output)
+    for mine, reference in zip(ours, theirs):
+        assert (mine.grad is None) == (reference.grad is None)
+        if reference.grad is not None:
+            torch.testing.assert_close(mine.grad, reference.grad, rtol=1e-12, atol=1e-12)
+
+
+@requires_native
+def test_eval_with_gradients_has_second_derivatives() -> None:
+    x = torch.randn(5, 3, 4, dtype=torch.float64, requires_grad=True)
+    weight = torch.linspace(0.5, 1.5, 3, dtype=torch.float64, requires_grad=True)
+    bias = torch.linspace(-1, 1, 3, dtype=torch.float64, requires_grad=True)
+    running_mean, running_var = torch.randn(3, dtype=torch.float64), torch.rand(3, dtype=torch.float64) + 0.5
+
+    def op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        y = native.inference(x, running_mean, running_var, weight, bias, 1, EPS)
+        assert y is not None
+        return y
+
+    assert torch.autograd.gradcheck(op, (x, weight, bias))
+    assert torch.autograd.gradgradcheck(op, (x, weight, bias))
 
 
 # --- fallbacks: no library -----------------------------------------------------------------------------------------

@@ -247,7 +247,7 @@ _TRAIN_FUSED = Plan(
 _EVAL_FUSED = Plan(
     "fused",
     "native",
-    "native eval kernel",
+    "native eval kernel, with a C++ autograd node when a gradient is needed",
     Plan("composite", "torch", "arguments the fused operator does not take as they are"),
 )
 _TRAIN_NO_NATIVE = Plan("function", "torch", "native kernels unavailable here: PyTorch operations")
@@ -256,7 +256,6 @@ _COMPOSITE = {
     "transformed": Plan("composite", "torch", "torch.func transform or forward-mode AD", None, False),
     "empty": Plan("composite", "torch", "empty input"),
     "meta": Plan("composite", "torch", "meta tensors: shapes only, nothing for the host to check", None, False),
-    "eval-grad": Plan("composite", "torch", "eval with a gradient: differentiated by PyTorch"),
     "eval": Plan("composite", "torch", "native kernels unavailable here: PyTorch operations"),
     "exact": Plan("composite", "exact", "forced by the kernel setting"),
 }
@@ -279,8 +278,7 @@ def plan(
     2. ``exact`` forced: ``function`` (training) / ``composite`` (eval) on float64 formulas;
     3. ``torch`` forced: ``function`` / ``composite`` on PyTorch operations;
     4. ``auto`` or ``native``, a CPU input of a dtype the native kernels have:
-       ``fused`` for training, and for eval when no gradient is needed
-       (eval with a gradient: ``composite``). On every case of
+       ``fused`` for training and eval (with or without a gradient). On every case of
        ``batchnorm bench`` the fused native route is the fastest measured
        (``benchmarks/README.md``);
     5. otherwise (another device, no compiler, ``BATCHNORM_NATIVE=0``):
@@ -299,16 +297,7 @@ def plan(
         numel = input.numel()
         # The common case first, in the fewest operations: a plain CPU call the native kernels take.
         if (setting == "auto" or setting == "native") and numel and input.is_cpu and native.supports(input.dtype):
-            if training:
-                chosen = _TRAIN_FUSED
-            elif torch.is_grad_enabled() and (
-                input.requires_grad
-                or (weight is not None and weight.requires_grad)
-                or (bias is not None and bias.requires_grad)
-            ):
-                chosen = _COMPOSITE["eval-grad"]
-            else:
-                chosen = _EVAL_FUSED
+            chosen = _TRAIN_FUSED if training else _EVAL_FUSED
         elif numel == 0:
             chosen = _COMPOSITE["empty"]
         elif input.device.type == "meta":

@@ -5,7 +5,9 @@
 //                         grad_sums + grad_input in one call; higher ones, and batched gradients, by a
 //                         composite of ATen operations); returns (None, -1) for arguments it does not
 //                         take as they are, having done nothing
-//   batchnorm::inference  the fused route's eval forward, None when a gradient is needed or the
+//   batchnorm::inference  the fused route's eval forward; differentiable with respect to the input,
+//                         weight and bias (first derivatives by the native grad_sums and normalize
+//                         kernels, higher ones and batched gradients by ATen operations); None when the
 //                         arguments do not fit
 //   batchnorm::stats, normalize, grad_sums, grad_input
 //                         the four primitives of batchnorm.kernels (no autograd), None when declined
@@ -19,6 +21,7 @@
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
+#include <cmath>
 #include <cstdint>
 #include <optional>
 #include <tuple>
@@ -220,6 +223,109 @@ struct Train : public torch::autograd::Function<Train> {
 
 Tensor value_or_undefined(const std::optional<Tensor> &t) { return t.has_value() ? *t : Tensor(); }
 
+// Eval with a gradient (fine-tuning with frozen statistics, evaluation outside no_grad): y = x_hat * weight + bias
+// with x_hat = (x - running_mean) * invstd, invstd = 1 / sqrt(running_var + eps), all per feature and constant.
+// Backward (reference.py's batch_norm_inference differentiated): dx = dy * invstd * weight,
+// dweight = sum(dy * x_hat), dbias = sum(dy): the grad_sums primitive and normalize(dy, 0, invstd, weight).
+// The running statistics get no gradient, as in torch's op.
+struct Eval : public torch::autograd::Function<Eval> {
+    static Tensor forward(AutogradContext *ctx, Tensor x, std::optional<Tensor> weight, std::optional<Tensor> bias,
+                          Tensor running_mean, Tensor running_var, int64_t feature, std::vector<int64_t> sizes,
+                          double eps) {
+        Sizes s = unpack(sizes, x);
+        Tensor w = weight.value_or(Tensor()), b = bias.value_or(Tensor());
+        Tensor y = at::empty_like(x);
+        int status = bn_inference(dtype_code(x), x.const_data_ptr(), y.mutable_data_ptr(), s.batches, s.features,
+                                  s.positions, running_mean.const_data_ptr(), running_var.const_data_ptr(),
+                                  data_or_null(w), data_or_null(b), eps);
+        check_status(status, "inference");
+        // invstd as the kernel forms it: in double, then rounded to the accumulation dtype.
+        Tensor invstd = at::empty({s.features}, running_var.options());
+        if (invstd.scalar_type() == at::kDouble) {
+            const double *v = running_var.const_data_ptr<double>();
+            double *out = invstd.mutable_data_ptr<double>();
+            for (int64_t c = 0; c < s.features; c++) out[c] = 1.0 / std::sqrt(v[c] + eps);
+        } else {
+            const float *v = running_var.const_data_ptr<float>();
+            float *out = invstd.mutable_data_ptr<float>();
+            for (int64_t c = 0; c < s.features; c++) out[c] = static_cast<float>(1.0 / std::sqrt((double)v[c] + eps));
+        }
+        ctx->save_for_backward({x, w, running_mean, invstd});
+        ctx->saved_data["has_weight"] = w.defined();
+        ctx->saved_data["has_bias"] = b.defined();
+        if (b.defined()) ctx->saved_data["bias_dtype"] = static_cast<int64_t>(b.scalar_type());
+        ctx->saved_data["feature"] = feature;
+        ctx->saved_data["sizes"] = sizes;
+        return y;
+    }
+
+    static variable_list backward(AutogradContext *ctx, variable_list grad_outputs) {
+        auto saved = ctx->get_saved_variables();
+        const Tensor &x = saved[0], &weight = saved[1], &mean = saved[2], &invstd = saved[3];
+        Tensor dy = grad_outputs[0];
+        bool has_weight = ctx->saved_data["has_weight"].toBool(), has_bias = ctx->saved_data["has_bias"].toBool();
+        bool need_input = ctx->needs_input_grad(0);
+        bool need_weight = has_weight && ctx->needs_input_grad(1);
+        bool need_bias = has_bias && ctx->needs_input_grad(has_weight ? 2 : 1);
+        Tensor dx, dweight, dbias;
+        if (dy.defined()) {
+            auto sizes = ctx->saved_data["sizes"].toIntVector();
+            Sizes s{sizes[0], sizes[1], sizes[2]};
+            if (at::GradMode::is_enabled() || !plain_tensor(dy)) {
+                // create_graph=True or a batched dy: differentiable ATen operations.
+                int64_t feature = ctx->saved_data["feature"].toInt();
+                std::vector<int64_t> dims, broadcast(x.dim(), 1);
+                for (int64_t d = 0; d < x.dim(); d++)
+                    if (d != feature) dims.push_back(d);
+                broadcast[feature] = s.features;
+                auto acc = invstd.scalar_type();
+                Tensor g = dy.to(acc), inv = invstd.view(broadcast);
+                if (need_input) {
+                    Tensor gain = weight.defined() ? inv * weight.to(acc).view(broadcast) : inv;
+                    dx = (g * gain).to(x.scalar_type());
+                }
+                if (need_weight) dweight = (g * ((x.to(acc) - mean.view(broadcast)) * inv)).sum(dims);
+                if (need_bias) dbias = g.sum(dims);
+            } else {
+                Tensor grad = like_input(dy, x);
+                int code = dtype_code(x);
+                if (need_weight || need_bias) {
+                    Tensor sums = at::empty({2, s.features}, invstd.options());
+                    char *base = static_cast<char *>(sums.mutable_data_ptr());
+                    int64_t step = s.features * static_cast<int64_t>(sums.element_size());
+                    int status = bn_backward(code, grad.const_data_ptr(), x.const_data_ptr(), nullptr, s.batches,
+                                             s.features, s.positions, mean.const_data_ptr(), invstd.const_data_ptr(),
+                                             nullptr, base + step, base);
+                    check_status(status, "grad_sums");
+                    dbias = sums[0];
+                    dweight = sums[1];
+                }
+                if (need_input) {
+                    dx = at::empty_like(x);
+                    Tensor zero = at::zeros({s.features}, invstd.options());
+                    int status = bn_normalize(code, grad.const_data_ptr(), dx.mutable_data_ptr(), s.batches,
+                                              s.features, s.positions, zero.const_data_ptr(), invstd.const_data_ptr(),
+                                              data_or_null(weight), nullptr);
+                    check_status(status, "normalize");
+                }
+            }
+        }
+        if (!need_weight || !dweight.defined()) {
+            dweight = Tensor();
+        } else if (dweight.scalar_type() != weight.scalar_type()) {
+            dweight = dweight.to(weight.scalar_type());
+        }
+        if (!need_bias || !dbias.defined()) {
+            dbias = Tensor();
+        } else {
+            auto dtype = static_cast<at::ScalarType>(ctx->saved_data["bias_dtype"].toInt());
+            if (dbias.scalar_type() != dtype) dbias = dbias.to(dtype);
+        }
+        return {need_input ? dx : Tensor(), dweight, dbias, Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
+    }
+};
+
+
 bool supported(const Tensor &x) {
     int code = code_or_minus_one(x.scalar_type());
     return code >= 0 && bn_supports(code);
@@ -313,7 +419,7 @@ std::tuple<std::optional<Tensor>, int64_t> train(const Tensor &x, const std::opt
     return {y, finite ? 0 : 1};
 }
 
-// Eval; None when not taken (see train) or when a gradient is needed.
+// Eval; None when not taken (see train). Differentiable (Eval) when a gradient is needed.
 std::optional<Tensor> inference(const Tensor &x, const Tensor &running_mean, const Tensor &running_var,
                                 const std::optional<Tensor> &weight, const std::optional<Tensor> &bias, int64_t axis,
                                 double eps) {
@@ -326,7 +432,11 @@ std::optional<Tensor> inference(const Tensor &x, const Tensor &running_mean, con
         !plain_vector(running_mean, acc, s.features) || !plain_vector(running_var, acc, s.features))
         return std::nullopt;
     Tensor w = value_or_undefined(weight), b = value_or_undefined(bias);
-    if (needs_grad(x, w, b)) return std::nullopt;
+    if (needs_grad(x, w, b)) {
+        if (running_mean.requires_grad() || running_var.requires_grad()) return std::nullopt;
+        return Eval::apply(x, weight, bias, running_mean, running_var, feature,
+                           std::vector<int64_t>{s.batches, s.features, s.positions}, eps);
+    }
     Tensor y = at::empty_like(x);
     int status = bn_inference(dtype_code(x), x.const_data_ptr(), y.mutable_data_ptr(), s.batches, s.features,
                               s.positions, running_mean.const_data_ptr(), running_var.const_data_ptr(),
