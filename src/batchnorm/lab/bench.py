@@ -8,7 +8,10 @@ it times three operations with both implementations:
 ``train-fwd+bwd``
     the same forward, then the gradients of input, weight and bias;
 ``eval-fwd``
-    the eval-mode forward.
+    the eval-mode forward;
+``eval-fwd+bwd``
+    the eval-mode forward, then the gradients of input, weight and bias
+    (fine-tuning on frozen statistics, or evaluation outside ``no_grad``).
 
 The two sides alternate in every repeat (ours first in even repeats, torch's
 in odd ones), each repeat runs enough calls to last a few milliseconds, and
@@ -51,7 +54,7 @@ from batchnorm.kernels import native
 __all__ = ["DTYPES", "LAYOUTS", "OPERATIONS", "SUITE", "BenchOptions", "Case", "parse_case", "run"]
 
 LAYOUTS = ("dense", "nchw", "channels-last", "sequence")
-OPERATIONS = ("train-fwd", "train-fwd+bwd", "eval-fwd")
+OPERATIONS = ("train-fwd", "train-fwd+bwd", "eval-fwd", "eval-fwd+bwd")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
 
@@ -209,7 +212,7 @@ def _torch_op(case: Case) -> Callable[..., Tensor]:
 def minimum_bytes(case: Case, dtype: torch.dtype, operation: str) -> int:
     """Bytes an operation must move at the least: 2 tensor passes forward (x in, y out), 5 forward+backward."""
     tensor_bytes = math.prod(case.shape) * torch.empty((), dtype=dtype).element_size()
-    return tensor_bytes * (5 if operation == "train-fwd+bwd" else 2)
+    return tensor_bytes * (5 if operation.endswith("+bwd") else 2)
 
 
 def _operations(
@@ -262,9 +265,19 @@ def _operations(
             y = functional.batch_norm(xg, *stats["ours"], wg, bg, True, 0.1, 1e-5, axis)
             return torch.autograd.grad(y, (xg, wg, bg), grad_output)
 
+    def torch_eval_step() -> object:
+        y = torch_op(xg, *stats["torch"], wg, bg, False, 0.1, 1e-5)
+        return torch.autograd.grad(y, (xg, wg, bg), grad_output)
+
+    def our_eval_step() -> object:
+        with setting():
+            y = functional.batch_norm(xg, *stats["ours"], wg, bg, False, 0.1, 1e-5, axis)
+            return torch.autograd.grad(y, (xg, wg, bg), grad_output)
+
     yield "train-fwd", torch_forward(True), our_forward(True)
     yield "train-fwd+bwd", torch_train_step, our_train_step
     yield "eval-fwd", torch_forward(False), our_forward(False)
+    yield "eval-fwd+bwd", torch_eval_step, our_eval_step
 
 
 @dataclass
@@ -341,7 +354,7 @@ def run_suite(
                             dtype=dtype_name,
                             operation=operation,
                             kernel=kernel,
-                            plan=explained["eval" if operation == "eval-fwd" else "train"],
+                            plan=explained["eval" if operation.startswith("eval") else "train"],
                             torch_ms=times["torch"] * 1e3,
                             ours_ms=times["ours"] * 1e3,
                             ratio=times["torch"] / times["ours"],

@@ -290,21 +290,18 @@ struct Eval : public torch::autograd::Function<Eval> {
                 Tensor grad = like_input(dy, x);
                 int code = dtype_code(x);
                 if (need_weight || need_bias) {
-                    Tensor sums = at::empty({2, s.features}, invstd.options());
-                    char *base = static_cast<char *>(sums.mutable_data_ptr());
-                    int64_t step = s.features * static_cast<int64_t>(sums.element_size());
+                    dweight = at::empty({s.features}, invstd.options());
+                    dbias = at::empty({s.features}, invstd.options());
                     int status = bn_backward(code, grad.const_data_ptr(), x.const_data_ptr(), nullptr, s.batches,
                                              s.features, s.positions, mean.const_data_ptr(), invstd.const_data_ptr(),
-                                             nullptr, base + step, base);
+                                             nullptr, dweight.mutable_data_ptr(), dbias.mutable_data_ptr());
                     check_status(status, "grad_sums");
-                    dbias = sums[0];
-                    dweight = sums[1];
                 }
                 if (need_input) {
                     dx = at::empty_like(x);
-                    Tensor zero = at::zeros({s.features}, invstd.options());
+                    // dx = normalize(dy, mean 0 (the null pointer), invstd, weight, no bias)
                     int status = bn_normalize(code, grad.const_data_ptr(), dx.mutable_data_ptr(), s.batches,
-                                              s.features, s.positions, zero.const_data_ptr(), invstd.const_data_ptr(),
+                                              s.features, s.positions, nullptr, invstd.const_data_ptr(),
                                               data_or_null(weight), nullptr);
                     check_status(status, "normalize");
                 }

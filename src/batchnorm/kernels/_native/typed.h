@@ -484,17 +484,18 @@ static int FN(inference)(const T *x, T *y, int64_t B, int64_t C, int64_t S, cons
     return 0;
 }
 
-/* The normalize primitive: y = (x - mean) * (invstd * weight) + bias. */
+/* The normalize primitive: y = (x - mean) * (invstd * weight) + bias; a NULL mean is zero. */
 static int FN(normalize)(const T *x, T *y, int64_t B, int64_t C, int64_t S, const A *mean, const A *invstd,
                          const A *weight, const A *bias) {
-    A *acc = (A *)malloc(sizeof(A) * 2 * (size_t)C);
+    A *acc = (A *)malloc(sizeof(A) * 3 * (size_t)C);
     if (acc == NULL) return -2;
-    A *scale = acc, *offset = acc + C;
+    A *scale = acc, *offset = acc + C, *center = acc + 2 * C;
     for (int64_t c = 0; c < C; c++) {
         scale[c] = (A)(weight == NULL ? (double)invstd[c] : (double)invstd[c] * (double)weight[c]);
         offset[c] = bias == NULL ? (A)0 : bias[c];
+        center[c] = mean == NULL ? (A)0 : mean[c];
     }
-    FN(affine)(x, y, B, C, S, mean, scale, offset);
+    FN(affine)(x, y, B, C, S, center, scale, offset);
     free(acc);
     return 0;
 }
