@@ -27,9 +27,15 @@ HELP_MENTIONS = {
         "mlp:784-100-100-100-10", "cnn:1-16-32-10", "--data", "mnist5k", "--data-dir", "--download",
         "--input-norm", "--lr", "--momentum", "--weight-decay", "--batch-size", "--steps", "--eval-every",
         "--seed", "--checkpoint-every", "--out", "--resume", "--no-guard", "one CPU thread", "exit code 3",
+        "renorm", "ghost", "frozen", "group", "layer", "--groups", "--virtual-batch-size", "--rmax", "--dmax",
+        "--renorm-warmup", "--val-fraction", "validation split",
     ],
     "explain": ["--checkpoint", "--layer", "--unit", "--json", "--eval", "--batch-size", "--model", "--data"],
-    "compare": ["--out", "--steps", "--model", "--init", "--lr", "--data", "50000", "report.html"],
+    "compare": [
+        "--out", "--steps", "--model", "--init", "--lr", "--data", "50000", "report.html", "--seeds", "--norm",
+        "--val-fraction", "mean", "std",
+    ],
+    "tune": ["--grid", "--val-fraction", "validation split", "never see the test split", "--norm"],
     "report": ["run_dir", "report.html"],
 }  # fmt: skip
 
@@ -129,6 +135,22 @@ def _bad_inputs(out: str, checkpoint: str, corrupted: str) -> list[tuple[list[st
         (["compare", "--lr", "-1", "--out", out], "argument --lr"),
         (["compare", "--data", "mnist", "--data-dir", "/nonexistent/mnist", "--out", out], "does not exist"),
         (["train", "--threads", "0", "--out", out], "argument --threads"),
+        (["train", "--norm", "instance", "--out", out], "argument --norm: invalid choice: 'instance'"),
+        (["train", "--val-fraction", "0.7", "--out", out], "argument --val-fraction: expected a number between 0"),
+        (["train", "--val-fraction", "x", "--out", out], "argument --val-fraction"),
+        (["train", "--groups", "0", "--out", out], "argument --groups: expected a positive integer"),
+        (["train", "--rmax", "0.5", "--out", out], "--rmax must be a finite number >= 1, got 0.5"),
+        (["train", "--dmax", "-1", "--out", out], "argument --dmax"),
+        (["train", "--renorm-warmup", "-1", "--out", out], "--renorm-warmup must be an integer >= 0"),
+        (
+            ["train", *SYNTHETIC, "--norm", "ghost", "--virtual-batch-size", "59", "--out", out],
+            "--virtual-batch-size 59 with --batch-size 60 leaves a virtual batch of one example",
+        ),
+        (["train", *SYNTHETIC, "--norm", "renorm", "--batch-size", "1", "--out", out], "at least 2 with --norm renorm"),
+        (["compare", "--seeds", "0", "--out", out], "argument --seeds: expected a positive integer"),
+        (["compare", *SYNTHETIC, "--norm", "none", "--out", out], "compare trains --norm against none"),
+        (["tune", *SYNTHETIC, "--grid", "lr=1", "--val-fraction", "0", "--out", out], "--val-fraction must be > 0"),
+        (["tune", *SYNTHETIC, "--grid", "norm=batch,instance", "--out", out], "--grid norm: expected one of batch"),
         (["frobnicate"], "invalid choice: 'frobnicate'"),
     ]
 
@@ -140,7 +162,9 @@ BAD_INPUT_IDS = [
     "resume-corrupted", "resume-missing", "resume-other-model", "resume-other-norm", "explain-corrupted",
     "explain-missing", "explain-other-model", "explain-zero-width", "explain-missing-data-folder",
     "explain-spec-does-not-fit", "compare-bad-spec", "compare-negative-lr", "compare-missing-data-folder",
-    "zero-threads", "unknown-verb",
+    "zero-threads", "bad-norm", "big-val-fraction", "text-val-fraction", "zero-groups", "small-rmax",
+    "negative-dmax", "negative-warmup", "ghost-remainder-of-one", "renorm-batch-of-one", "zero-seeds",
+    "compare-norm-none", "tune-without-validation", "tune-bad-norm-grid", "unknown-verb",
 ]  # fmt: skip
 
 
@@ -200,6 +224,63 @@ def test_train_on_tiny_idx_files(tmp_path: Path, capsys: pytest.CaptureFixture[s
         with gzip.open(folder / f"{stem}.gz", "wb") as handle:
             handle.write(header + values.tobytes())
     argv = ["train", "--data", "mnist", "--data-dir", str(folder), "--model", "mlp:784-16-10", "--batch-size", "4"]
+    # Eight images of random digits: 10% of a class of one or two rounds to no validation example.
     code, out, err = run_cli([*argv, "--steps", "3", "--out", str(tmp_path / "run"), "--no-progress"], capsys)
+    assert code == 2
+    assert "--val-fraction 0.1 leaves 0 validation and 8 training examples" in err
+    code, out, err = run_cli(
+        [*argv, "--steps", "3", "--val-fraction", "0", "--out", str(tmp_path / "run"), "--no-progress"], capsys
+    )
     assert code == 0, err
     assert "done: 3 steps" in out
+
+
+# --------------------------------------------------------------------------- normalizations, validation, seeds
+
+
+@pytest.mark.parametrize("norm", ["group", "layer", "frozen", "none"])
+def test_explain_says_there_is_nothing_to_explain_without_bn_layers(
+    norm: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, err = run_cli(["explain", "--data", "synthetic", "--model", "mlp:64-32-10", "--norm", norm], capsys)
+    assert code == 0, err
+    assert out.startswith("nothing to explain: this model has no batch-norm layer")
+    assert len(out.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("norm", ["renorm", "ghost"])
+def test_explain_shows_batch_statistic_variants(norm: str, capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["explain", "--data", "synthetic", "--model", "mlp:64-32-16-10", "--norm", norm]
+    code, out, err = run_cli([*argv, "--virtual-batch-size", "16"], capsys)
+    assert code == 0, err
+    assert "2 BN layer(s)" in out
+    kind = "BatchRenorm" if norm == "renorm" else "GhostBatchNorm"
+    assert out.count(kind) == 2
+    if norm == "ghost":
+        assert "per virtual batch of 16 examples (4 of them in this batch of 60)" in out
+
+
+def test_train_reports_validation_and_test_accuracy(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["train", *SYNTHETIC, "--norm", "group", "--steps", "10", "--eval-every", "5", "--out", str(tmp_path)]
+    code, out, err = run_cli([*argv, "--val-fraction", "0.2"], capsys)
+    assert code == 0, err
+    assert "validation accuracy" in out
+    assert "test accuracy" in out
+    payload = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert (payload["config"]["norm"], payload["config"]["val_fraction"]) == ("group", 0.2)
+
+
+def test_compare_with_seeds_prints_mean_and_spread(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["compare", "--data", "synthetic", "--model", "mlp:64-16-10", "--input-norm", "standardize"]
+    code, out, err = run_cli(
+        [*argv, "--steps", "20", "--eval-every", "10", "--seeds", "2", "--out", str(tmp_path), "--no-progress"], capsys
+    )
+    assert code == 0, err
+    assert "seeds 0, 1" in out
+    assert "over 2 seeds" in out
+    assert "±" in out
+    code, out, err = run_cli(
+        [*argv, "--steps", "20", "--eval-every", "10", "--seeds", "2", "--out", str(tmp_path), "--no-progress"], capsys
+    )
+    assert code == 0, err
+    assert "reused 4 finished runs" in out

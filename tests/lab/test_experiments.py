@@ -12,6 +12,7 @@ import dataclasses
 import json
 import math
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,8 @@ import pytest
 import torch
 
 from batchnorm.lab.data import load_dataset
-from batchnorm.lab.experiments import COMPARE_DEFAULTS, compare, percentile_steadiness
+from batchnorm.lab.experiments import COMPARE_DEFAULTS, compare, percentile_steadiness, spread
+from batchnorm.lab.report import format_summary, write_report
 from batchnorm.lab.training import TrainConfig, train
 from batchnorm.reference import batch_norm_forward
 from helpers import run_cli
@@ -316,3 +318,119 @@ def test_paper_setup_bn_learns_far_faster_and_its_percentiles_are_steadier(tmp_p
         logits = _eval_logits(payload["numpy"], x, hidden=3, use_bn=label == "bn")
         accuracy = (logits.argmax(axis=1) == labels).mean()
         assert summary[label]["accuracy_at"]["1000"] == pytest.approx(accuracy, abs=2 / len(labels))
+
+
+# --------------------------------------------------------------------------- several seeds
+
+
+SEEDED = dataclasses.replace(TINY, steps=40, eval_every=20, checkpoint_every=40)
+
+
+@pytest.fixture(scope="module")
+def seeded(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
+    out = tmp_path_factory.mktemp("compare-seeds")
+    torch.set_num_threads(1)
+    return out, compare(SEEDED, out, seeds=3, progress=False)
+
+
+def test_seeds_give_one_run_per_seed_and_arm_with_numpy_mean_std_min_max(seeded: tuple[Path, dict[str, Any]]) -> None:
+    out, results = seeded
+    assert results["seeds"] == [0, 1, 2]
+    for label in ("bn", "no_bn"):
+        records = results["seed_runs"][label]
+        assert [record["seed"] for record in records] == [0, 1, 2]
+        assert records[0]["test_accuracy"] == results["runs"][label]["test_accuracy"]  # runs[...] is seed 0
+        finals = np.array([record["test_accuracy"][-1] for record in records])
+        over = results["summary"][label]["over_seeds"]
+        assert over["final_accuracy"]["n"] == 3
+        assert over["final_accuracy"]["mean"] == pytest.approx(np.mean(finals), abs=1e-12)
+        assert over["final_accuracy"]["std"] == pytest.approx(np.std(finals, ddof=1), abs=1e-12)
+        assert (over["final_accuracy"]["min"], over["final_accuracy"]["max"]) == (finals.min(), finals.max())
+        vals = np.array([record["val_accuracy"][-1] for record in records])
+        assert over["final_val_accuracy"]["std"] == pytest.approx(np.std(vals, ddof=1), abs=1e-12)
+        assert (out / label / "checkpoint.pt").is_file()
+        assert (out / f"{label}_seed2" / "checkpoint.pt").is_file()
+    # Each seed's run is the plain training run with that seed (init and batch order), and the seeds differ.
+    alone = train(dataclasses.replace(SEEDED, seed=2), None, dataset=load_dataset("synthetic"), progress=False)
+    assert alone.test_accuracy == results["seed_runs"]["bn"][2]["test_accuracy"]
+    assert alone.val_accuracy == results["seed_runs"]["bn"][2]["val_accuracy"]
+    assert results["seed_runs"]["bn"][1]["test_accuracy"] != results["seed_runs"]["bn"][0]["test_accuracy"] or (
+        results["seed_runs"]["no_bn"][1]["test_accuracy"] != results["seed_runs"]["no_bn"][0]["test_accuracy"]
+    )
+
+
+def test_seeds_table_figure_and_report_rebuild(
+    seeded: tuple[Path, dict[str, Any]], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out, results = seeded
+    table = format_summary(results)
+    assert "over 3 seeds" in table
+    over = results["summary"]["bn"]["over_seeds"]["final_accuracy"]
+    expected = f"{over['mean']:.3f} ± {over['std']:.3f} [{over['min']:.3f}-{over['max']:.3f}]"
+    assert expected in table
+    assert "0 of 3" in table
+    page = (out / "report.html").read_text(encoding="utf-8")
+    assert "3 seeds" in page
+    assert (out / "accuracy.png").read_bytes().startswith(PNG_MAGIC)
+    copy = tmp_path / "run"
+    copy.mkdir()
+    (copy / "results.json").write_text((out / "results.json").read_text())
+    code, _, err = run_cli(["report", str(copy)], capsys)
+    assert code == 0, err
+    assert "over 3 seeds" in (copy / "report.html").read_text(encoding="utf-8")
+
+
+def test_report_rebuilds_results_written_before_seeds(tiny: tuple[Path, dict[str, Any]], tmp_path: Path) -> None:
+    _, results = tiny
+    old = json.loads(json.dumps(results))
+    for key in ("seeds", "seed_runs", "arms", "arm_names", "reused_runs"):
+        old.pop(key)
+    for label in ("bn", "no_bn"):
+        old["summary"][label].pop("over_seeds")
+        old["summary"][label].pop("final_val_accuracy")
+    assert "with BN" in format_summary(old)
+    assert "±" not in format_summary(old)
+    write_report(tmp_path, old)
+    assert (tmp_path / "report.html").is_file()
+
+
+def test_more_seeds_into_the_same_folder_reuse_the_finished_runs(
+    seeded: tuple[Path, dict[str, Any]], tmp_path: Path
+) -> None:
+    out, first = seeded
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    again = compare(SEEDED, copy, seeds=4, progress=False, figures=False)
+    assert again["reused_runs"] == 6
+    assert again["seeds"] == [0, 1, 2, 3]
+    for label in ("bn", "no_bn"):
+        assert again["seed_runs"][label][:3] == first["seed_runs"][label]
+    assert (copy / "bn_seed3" / "record.json").is_file()
+    assert [record["name"] for record in again["explain"]] == ["bn1", "bn2"]  # model reloaded from its checkpoint
+    # Other settings are not reused.
+    changed = compare(dataclasses.replace(SEEDED, lr=0.4), copy, seeds=1, progress=False, figures=False)
+    assert changed["reused_runs"] == 0
+
+
+def test_spread_by_hand() -> None:
+    stats = spread([0.5, None, 0.7, 0.9])
+    assert stats["n"] == 3
+    assert stats["mean"] == pytest.approx(0.7)
+    assert stats["std"] == pytest.approx(0.2)  # sqrt(((-.2)^2 + 0 + .2^2) / (3 - 1))
+    assert (stats["min"], stats["max"]) == (0.5, 0.9)
+    assert spread([0.5])["std"] is None
+    assert spread([None]) == {"mean": None, "std": None, "min": None, "max": None, "n": 0}
+
+
+def test_compare_another_normalization_and_bad_arguments(tmp_path: Path) -> None:
+    results = compare(
+        dataclasses.replace(SEEDED, norm="group", steps=20, eval_every=20), tmp_path, progress=False, figures=False
+    )
+    assert results["arms"] == {"bn": "group", "no_bn": "none"}
+    assert results["explain"] == []  # GroupNorm computes no batch statistics
+    assert "with GroupNorm" in format_summary(results)
+    assert "without normalization" in format_summary(results)
+    with pytest.raises(ValueError, match="compare trains --norm against none"):
+        compare(dataclasses.replace(SEEDED, norm="none"), tmp_path, progress=False)
+    with pytest.raises(ValueError, match="--seeds must be a positive integer, got 0"):
+        compare(SEEDED, tmp_path, seeds=0, progress=False)

@@ -7,7 +7,14 @@ import sys
 import time
 from pathlib import Path
 
-from batchnorm.cli.options import add_data_arguments, add_model_arguments, add_optimizer_arguments, config_from_args
+from batchnorm.cli.argtypes import positive_int
+from batchnorm.cli.options import (
+    add_data_arguments,
+    add_model_arguments,
+    add_optimizer_arguments,
+    add_validation_argument,
+    config_from_args,
+)
 from batchnorm.lab.data import load_dataset
 from batchnorm.lab.experiments import COMPARE_DEFAULTS, compare
 from batchnorm.lab.explain import format_table
@@ -23,11 +30,21 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         "with BN before each nonlinearity and without BN, from the same small Gaussian init, seed and batches of "
         "60. Prints the per-layer BN explanation and a comparison table; writes results.json, PNG figures and "
         "report.html into --out. --steps 50000 runs the paper's length. Runs on one CPU thread unless --threads "
-        "says otherwise. Any --norm given is ignored: both are run."
+        "says otherwise. --norm picks the normalized arm (default batch; e.g. group compares GroupNorm with no "
+        "normalization). --seeds K trains each arm with K seeds and reports mean, std and min-max. A rerun into "
+        "the same --out reuses every finished run with identical settings."
     )
     add_model_arguments(parser, defaults)
     add_data_arguments(parser, defaults)
     add_optimizer_arguments(parser, defaults)
+    add_validation_argument(parser, defaults)
+    parser.add_argument(
+        "--seeds",
+        type=positive_int,
+        default=1,
+        help="seeds per arm (seed, seed+1, ...: init and batch order); K > 1 reports mean, sample std and min-max "
+        "in the table, results.json and the accuracy figure (default %(default)s)",
+    )
     parser.set_defaults(init=defaults.init, input_norm=defaults.input_norm, lr=defaults.lr, momentum=defaults.momentum)
     parser.add_argument("--out", default="runs/compare", help="output folder (default %(default)s)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
@@ -39,19 +56,23 @@ def run(args: argparse.Namespace) -> int:
     if args.download:
         load_dataset(config.data, config.data_dir, download=True)
     started = time.perf_counter()
-    results = compare(config, args.out, progress=not args.no_progress)
+    results = compare(config, args.out, seeds=args.seeds, progress=not args.no_progress)
     if results["explain"]:
         print("What each BN layer computes (trained BN network, one training batch):")
         print(format_table(results["explain"]))
         print()
     print(
         f"{config.model}, {config.act}, init {config.init}, batch {config.batch_size}, lr {config.lr}, "
-        f"momentum {config.momentum}, {config.steps} steps; data: {results['dataset']}"
+        f"momentum {config.momentum}, {config.steps} steps, seeds {', '.join(str(s) for s in results['seeds'])}; "
+        f"data: {results['dataset']}"
     )
+    if results["reused_runs"]:
+        print(f"(reused {results['reused_runs']} finished runs from {args.out}; delete it to train them again)")
     print(format_summary(results))
     out = Path(args.out)
     print(f"\nwrote {out / 'results.json'} and {out / 'report.html'} in {time.perf_counter() - started:.0f} s")
     for label in ("bn", "no_bn"):
-        if results["runs"][label].get("diverged"):
-            sys.stderr.write(f"batchnorm: the {label} run diverged: {results['runs'][label]['diverged']}\n")
+        for record in results["seed_runs"][label]:
+            if record.get("diverged"):
+                sys.stderr.write(f"batchnorm: the {label} run (seed {record['seed']}) diverged: {record['diverged']}\n")
     return 0

@@ -152,7 +152,8 @@ def split_validation(dataset: Dataset, fraction: float) -> Dataset:
     if len(held) == 0 or len(keep) == 0:
         raise ValueError(
             f"--val-fraction {fraction} leaves {len(held)} validation and {len(keep)} training examples "
-            f"of the {len(dataset.train_labels)} in {dataset.name}'s training split"
+            f"of the {len(dataset.train_labels)} in {dataset.name}'s training split (choose another --val-fraction, "
+            "or 0 for no validation split)"
         )
     keep_t, held_t = torch.from_numpy(keep), torch.from_numpy(held)
     return dataclasses.replace(

@@ -15,6 +15,28 @@ init, seed and mini-batches of 60, and records
   output and the weights' gradient-to-data ratio (how "gradients become very
   small or very large" without BN).
 
+Several seeds (``seeds=K``, ``--seeds K``, default 1): each arm is trained
+with the seeds ``seed, seed+1, ..., seed+K-1`` (each seed sets the init and
+the batch order; the data split and the validation split are fixed). The
+table, ``results.json`` (``summary[arm]["over_seeds"]``) and the accuracy
+figure then give, per quantity, the mean over the seeds, the sample standard
+deviation (``ddof=1``; none for one seed) and the min and max; a diverged
+seed counts as diverged and is left out of the statistics of the others
+(``n`` says how many entered). ``runs[arm]`` stays the first seed's full
+record (percentiles and per-layer statistics are drawn for it);
+``seed_runs[arm]`` lists every seed's curves. The first seed's files are in
+``OUT/bn`` and ``OUT/no_bn``, the others in ``OUT/bn_seedS``.
+
+Resuming: every finished run leaves ``record.json`` next to its checkpoint;
+running ``compare`` again into the same ``--out`` reuses each run whose
+settings are identical (so ``--seeds 3`` after ``--seeds 1`` trains only the
+new seeds, and a killed compare redoes only the unfinished runs). Delete the
+folder to train everything again.
+
+The normalized arm is ``--norm`` (default ``batch``; any of the variants, e.g.
+``group``); the other arm is always ``none``. Results keep the keys ``bn`` and
+``no_bn`` for the two arms.
+
 Steadiness of the percentiles is measured as their *drift*: the range each
 of the 15th, 50th and 85th percentile curves covers over the run (max - min),
 summed and divided by the mean spread (85th - 15th). A distribution that
@@ -26,6 +48,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -33,12 +56,19 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from batchnorm.lab.data import Dataset, InputNormalizer, load_dataset
+from batchnorm.lab.data import Dataset, InputNormalizer, load_dataset, split_validation
 from batchnorm.lab.explain import explain
 from batchnorm.lab.report import write_report
-from batchnorm.lab.training import DivergenceError, TrainConfig, TrainResult, train
+from batchnorm.lab.training import (
+    CheckpointError,
+    DivergenceError,
+    TrainConfig,
+    TrainResult,
+    model_from_checkpoint,
+    train,
+)
 
-__all__ = ["COMPARE_DEFAULTS", "LayerRecorder", "compare", "percentile_steadiness"]
+__all__ = ["COMPARE_DEFAULTS", "LayerRecorder", "compare", "percentile_steadiness", "spread"]
 
 COMPARE_DEFAULTS = TrainConfig(
     model="mlp:784-100-100-100-10",
@@ -211,6 +241,30 @@ def _steps_to(result: dict[str, Any], threshold: float) -> int | None:
     return None
 
 
+RECORD_FILE = "record.json"
+
+
+def _reuse(config: TrainConfig, folder: Path) -> tuple[dict[str, Any], nn.Module | None] | None:
+    """The record (and trained model) of a finished run of exactly ``config`` in ``folder``, or None."""
+    path = folder / RECORD_FILE
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(saved, dict) or saved.get("config") != json.loads(json.dumps(dataclasses.asdict(config))):
+        return None
+    record = saved.get("record")
+    if not isinstance(record, dict):
+        return None
+    model = None
+    if not record.get("diverged"):
+        try:
+            model = model_from_checkpoint(folder / "checkpoint.pt")[0]
+        except CheckpointError:
+            return None
+    return record, model
+
+
 def _run_one(
     config: TrainConfig, dataset: Dataset, probe: Tensor, out: Path, label: str, progress: bool
 ) -> tuple[dict[str, Any], TrainResult | None]:
@@ -236,46 +290,108 @@ def _run_one(
             steps=result.steps,
             test_accuracy=result.test_accuracy,
             test_loss=result.test_loss,
+            val_accuracy=result.val_accuracy,
+            val_loss=result.val_loss,
             train_loss=result.train_loss,
             seconds=result.seconds,
         )
     except DivergenceError as error:
         record["diverged"] = str(error)
-        for key in ("steps", "test_accuracy", "test_loss", "train_loss"):
+        for key in ("steps", "test_accuracy", "test_loss", "val_accuracy", "val_loss", "train_loss"):
             record[key] = []
     if recorders:
         record.update(recorders[0].as_dict())
+    folder = out / label
+    folder.mkdir(parents=True, exist_ok=True)
+    saved = {"config": dataclasses.asdict(config), "record": record}
+    temporary = folder / (RECORD_FILE + ".part")
+    temporary.write_text(json.dumps(saved, allow_nan=True))
+    temporary.replace(folder / RECORD_FILE)
     return record, result
 
 
-def compare(config: TrainConfig, out_dir: str | Path, *, progress: bool = True, figures: bool = True) -> dict[str, Any]:
-    """Train ``config`` with BN and without, write ``results.json``, figures and ``report.html``.
+SEED_KEYS = ("steps", "test_accuracy", "val_accuracy", "train_loss", "diverged", "seconds")
+ARM_NAMES = {
+    "batch": "BN",
+    "renorm": "Batch Renorm",
+    "ghost": "Ghost BN",
+    "frozen": "frozen BN",
+    "group": "GroupNorm",
+    "layer": "LayerNorm",
+}
+
+
+def compare(
+    config: TrainConfig, out_dir: str | Path, *, seeds: int = 1, progress: bool = True, figures: bool = True
+) -> dict[str, Any]:
+    """Train ``config`` with its normalization (``config.norm``) and without, write ``results.json``, figures
+    and ``report.html``.
 
     The two networks share the spec, init (same seed, same generator), data,
-    batches and optimizer settings; they differ only in ``norm``.
+    batches and optimizer settings; they differ only in ``norm``. With
+    ``seeds`` K > 1 each arm runs with seeds ``config.seed`` to
+    ``config.seed + K - 1`` (see the module docstring).
 
     Returns:
         the content of ``results.json``.
+
+    Raises:
+        ValueError: invalid settings, ``config.norm == "none"`` or ``seeds < 1``.
     """
     config.validate()
+    if config.norm == "none":
+        raise ValueError("compare trains --norm against none: choose a normalization for --norm (default batch)")
+    if seeds < 1:
+        raise ValueError(f"--seeds must be a positive integer, got {seeds}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     dataset = load_dataset(config.data, config.data_dir, seed=config.seed)
-    normalizer = InputNormalizer.fit(config.input_norm, dataset.train_images)
+    # The probe and the explained batch are normalized as the runs normalize their inputs: fit on the
+    # training examples they train on (the training split without its validation part).
+    training_part = split_validation(dataset, config.val_fraction).train_images
+    normalizer = InputNormalizer.fit(config.input_norm, training_part)
     probe = normalizer(dataset.test_images[:1000])
+    seed_list = [config.seed + offset for offset in range(seeds)]
+    arms = {"bn": config.norm, "no_bn": "none"}
     runs: dict[str, Any] = {}
+    seed_runs: dict[str, list[dict[str, Any]]] = {label: [] for label in arms}
     models: dict[str, nn.Module] = {}
-    for label, norm in (("bn", "batch"), ("no_bn", "none")):
-        run_config = dataclasses.replace(config, norm=norm)
-        runs[label], result = _run_one(run_config, dataset, probe, out, label, progress)
-        if result is not None and result.model is not None:
-            models[label] = result.model
+    reused = 0
+    for seed in seed_list:
+        for label, norm in arms.items():
+            run_config = dataclasses.replace(config, norm=norm, seed=seed)
+            folder = label if seed == config.seed else f"{label}_seed{seed}"
+            previous = _reuse(run_config, out / folder)
+            model: nn.Module | None
+            if previous is not None:
+                record, model = previous
+                reused += 1
+            else:
+                record, result = _run_one(run_config, dataset, probe, out, folder, progress)
+                model = result.model if result is not None else None
+            if seed == config.seed:
+                runs[label] = record
+                if model is not None:
+                    models[label] = model
+            slim = {key: record.get(key) for key in SEED_KEYS}
+            slim["seed"] = seed
+            slim["percentile_steadiness"] = (
+                percentile_steadiness(record["percentiles"]) if record.get("percentiles") else None
+            )
+            seed_runs[label].append(slim)
     explanation: list[dict[str, Any]] = []
     if "bn" in models:
-        batch = normalizer(dataset.train_images[: config.batch_size])
+        batch = normalizer(training_part[: config.batch_size])
         explanation = explain(models["bn"], batch)
     summary = _summarize(runs, config)
+    for label, records in seed_runs.items():
+        summary[label]["over_seeds"] = _over_seeds(records, summary["checkpoints"])
     results = {
+        "arms": arms,
+        "arm_names": {label: ARM_NAMES.get(norm, norm) for label, norm in arms.items()},
+        "seeds": seed_list,
+        "seed_runs": seed_runs,
+        "reused_runs": reused,
         "runs": runs,
         "config": dataclasses.asdict(config),
         "dataset": dataset.description,
@@ -287,6 +403,9 @@ def compare(config: TrainConfig, out_dir: str | Path, *, progress: bool = True, 
             "saturated_pct": "sigmoid |z| > 4, tanh |a| > 0.97, ReLU a == 0",
             "grad_std": "std of dLoss/d(activation output) on the recorded training step",
             "weight_grad_to_data": "std(weight.grad) / std(weight) of each Linear/Conv layer",
+            "over_seeds": "per quantity over the seeds that did not diverge: mean, sample std (ddof=1, none "
+            "for one seed), min, max, n",
+            "val_accuracy": "accuracy on the validation split held out of the training split (--val-fraction)",
         },
     }
     path = out / "results.json"
@@ -298,6 +417,38 @@ def compare(config: TrainConfig, out_dir: str | Path, *, progress: bool = True, 
     return results
 
 
+def spread(values: list[float | int | None]) -> dict[str, Any]:
+    """Mean, sample std (``ddof=1``; None for fewer than 2), min, max and count of the values that are not None."""
+    finite = [float(v) for v in values if v is not None and math.isfinite(float(v))]
+    if not finite:
+        return {"mean": None, "std": None, "min": None, "max": None, "n": 0}
+    array = np.asarray(finite, dtype=float)
+    return {
+        "mean": float(array.mean()),
+        "std": float(array.std(ddof=1)) if len(array) > 1 else None,
+        "min": float(array.min()),
+        "max": float(array.max()),
+        "n": len(finite),
+    }
+
+
+def _over_seeds(records: list[dict[str, Any]], checkpoints: list[int]) -> dict[str, Any]:
+    finished = [record for record in records if not record.get("diverged") and record.get("test_accuracy")]
+
+    def final(key: str) -> list[float | int | None]:
+        return [record[key][-1] if record.get(key) else None for record in finished]
+
+    return {
+        "seeds": [record["seed"] for record in records],
+        "diverged": sum(1 for record in records if record.get("diverged")),
+        "final_accuracy": spread(final("test_accuracy")),
+        "final_val_accuracy": spread(final("val_accuracy")),
+        "accuracy_at": {str(s): spread([_accuracy_at(record, s) for record in finished]) for s in checkpoints},
+        "steps_to_90pct": spread([_steps_to(record, 0.90) for record in finished]),
+        "percentile_steadiness": spread([record.get("percentile_steadiness") for record in finished]),
+    }
+
+
 def _summarize(runs: dict[str, Any], config: TrainConfig) -> dict[str, Any]:
     checkpoints = [s for s in (250, 500, 1000, 2000, 5000, 10000, 20000, 50000) if s <= config.steps]
     summary: dict[str, Any] = {"checkpoints": checkpoints}
@@ -306,6 +457,7 @@ def _summarize(runs: dict[str, Any], config: TrainConfig) -> dict[str, Any]:
             "diverged": run.get("diverged"),
             "accuracy_at": {str(s): _accuracy_at(run, s) for s in checkpoints},
             "final_accuracy": run["test_accuracy"][-1] if run["test_accuracy"] else None,
+            "final_val_accuracy": run["val_accuracy"][-1] if run.get("val_accuracy") else None,
             "steps_to_90pct": _steps_to(run, 0.90),
             "percentile_steadiness": percentile_steadiness(run["percentiles"]) if run.get("percentiles") else None,
             "seconds": run.get("seconds"),

@@ -17,12 +17,23 @@ import math
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from batchnorm.lab.figures import embed_png, pyplot
 
 __all__ = ["format_summary", "load_results", "write_report"]
 
-LABELS = {"no_bn": "without BN", "bn": "with BN"}
 COLORS = {"no_bn": "#d62728", "bn": "#1f77b4"}
+
+
+def _labels(results: dict[str, Any]) -> dict[str, str]:
+    """``with BN`` / ``without BN``, or the compared normalization (``with GroupNorm`` / ``without normalization``)."""
+    name = (results.get("arm_names") or {}).get("bn", "BN")
+    return {"bn": f"with {name}", "no_bn": "without BN" if name == "BN" else "without normalization"}
+
+
+def _seed_count(results: dict[str, Any]) -> int:
+    return len(results.get("seeds") or [None])
 
 
 def _finite(values: list[Any]) -> list[float]:
@@ -32,10 +43,24 @@ def _finite(values: list[Any]) -> list[float]:
 def _accuracy_figure(results: dict[str, Any], path: Path) -> None:
     plt = pyplot()
     figure, axis = plt.subplots(figsize=(6, 4))
+    labels = _labels(results)
+    seeds = _seed_count(results)
     for label in ("no_bn", "bn"):
+        curves = [
+            record
+            for record in (results.get("seed_runs") or {}).get(label, [])
+            if record.get("steps") and not record.get("diverged")
+        ]
+        steps = curves[0]["steps"] if curves else []
+        if seeds > 1 and curves and all(record["steps"] == steps for record in curves):
+            values = np.asarray([_finite(record["test_accuracy"]) for record in curves])
+            name = f"{labels[label]}: mean of {len(curves)} seeds, band min-max"
+            axis.plot(steps, values.mean(axis=0), label=name, color=COLORS[label])
+            axis.fill_between(steps, values.min(axis=0), values.max(axis=0), color=COLORS[label], alpha=0.25)
+            continue
         run = results["runs"].get(label, {})
         if run.get("steps"):
-            axis.plot(run["steps"], run["test_accuracy"], label=LABELS[label], color=COLORS[label])
+            axis.plot(run["steps"], run["test_accuracy"], label=labels[label], color=COLORS[label])
     axis.set_xlabel("training step")
     axis.set_ylabel("test accuracy")
     axis.set_title("(a) test accuracy")
@@ -50,6 +75,7 @@ def _accuracy_figure(results: dict[str, Any], path: Path) -> None:
 def _percentile_figure(results: dict[str, Any], path: Path) -> None:
     plt = pyplot()
     figure, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    labels = _labels(results)
     for axis, label, letter in zip(axes, ("no_bn", "bn"), ("b", "c")):
         run = results["runs"].get(label, {})
         steps = run.get("percentile_steps", [])
@@ -58,7 +84,7 @@ def _percentile_figure(results: dict[str, Any], path: Path) -> None:
             if steps and values:
                 axis.plot(steps, values, style, color=COLORS[label], label=f"{percentile}th")
         unit = run.get("percentile_unit", {})
-        axis.set_title(f"({letter}) {LABELS[label]}: input to sigmoid {unit.get('layer', '')}[{unit.get('unit', 0)}]")
+        axis.set_title(f"({letter}) {labels[label]}: input to sigmoid {unit.get('layer', '')}[{unit.get('unit', 0)}]")
         axis.set_xlabel("training step")
         axis.grid(alpha=0.3)
         axis.legend()
@@ -76,6 +102,7 @@ def _layer_figure(results: dict[str, Any], path: Path) -> None:
         ("grad_std", "gradient std", True),
     )
     figure, axes = plt.subplots(2, 3, figsize=(13, 7), sharex=True)
+    labels = _labels(results)
     for row, label in enumerate(("no_bn", "bn")):
         run = results["runs"].get(label, {})
         steps = run.get("layer_steps", [])
@@ -88,7 +115,7 @@ def _layer_figure(results: dict[str, Any], path: Path) -> None:
                     axis.plot(steps, values, label=name)
             if log:
                 axis.set_yscale("log")
-            axis.set_title(f"{LABELS[label]}: {title}")
+            axis.set_title(f"{labels[label]}: {title}")
             axis.grid(alpha=0.3)
             if row == 1:
                 axis.set_xlabel("training step")
@@ -126,25 +153,48 @@ def format_summary(results: dict[str, Any]) -> str:
     """The final comparison table printed by ``compare``."""
     summary = results["summary"]
     labels = [label for label in ("no_bn", "bn") if label in summary]
-    names = {"bn": "with BN", "no_bn": "without BN"}
+    names = _labels(results)
+    seeds = _seed_count(results)
     rows = [["", *[names[label] for label in labels]]]
 
     def cell(value: Any, kind: str = "acc") -> str:
         if value is None or (isinstance(value, float) and math.isnan(value)):
             return "-"
-        return f"{value:.3f}" if kind == "acc" else f"{value:.2f}" if kind == "float" else str(value)
+        return f"{value:.3f}" if kind == "acc" else f"{value:.2f}" if kind == "float" else f"{value:.0f}"
 
+    def spread_cell(stats: dict[str, Any] | None, kind: str = "acc") -> str:
+        """``mean ± std [min-max]`` over the seeds (``(n=k)`` when only k of them entered)."""
+        if not stats or stats.get("mean") is None:
+            return "-"
+        average = "float" if kind == "int" else kind
+        text = f"{cell(stats['mean'], average)} ± {cell(stats['std'], average)}"
+        text += f" [{cell(stats['min'], kind)}-{cell(stats['max'], kind)}]"
+        return text + (f" (n={stats['n']})" if stats["n"] < seeds else "")
+
+    def row(title: str, key: str, kind: str = "acc", step: str | None = None) -> list[str]:
+        cells = []
+        for lb in labels:
+            if seeds > 1 and "over_seeds" in summary[lb]:
+                over = summary[lb]["over_seeds"]
+                cells.append(spread_cell(over[key][step] if step is not None else over[key], kind))
+            else:
+                value = summary[lb][key][step] if step is not None else summary[lb].get(key)
+                cells.append(cell(value, kind))
+        return [title, *cells]
+
+    if seeds > 1:
+        rows.append([f"over {seeds} seeds", *["mean ± std [min-max]" for _ in labels]])
     for step in summary["checkpoints"]:
-        rows.append([f"test accuracy at {step} steps", *[cell(summary[lb]["accuracy_at"][str(step)]) for lb in labels]])
-    rows.append(["final test accuracy", *[cell(summary[lb]["final_accuracy"]) for lb in labels]])
-    rows.append(["steps to 90% test accuracy", *[cell(summary[lb]["steps_to_90pct"], "int") for lb in labels]])
-    rows.append(
-        [
-            "percentile drift (lower = steadier)",
-            *[cell(summary[lb]["percentile_steadiness"], "float") for lb in labels],
-        ]
-    )
-    rows.append(["diverged", *["yes" if summary[lb]["diverged"] else "no" for lb in labels]])
+        rows.append(row(f"test accuracy at {step} steps", "accuracy_at", step=str(step)))
+    rows.append(row("final test accuracy", "final_accuracy"))
+    if any(summary[lb].get("final_val_accuracy") is not None for lb in labels):
+        rows.append(row("final validation accuracy", "final_val_accuracy"))
+    rows.append(row("steps to 90% test accuracy", "steps_to_90pct", "int"))
+    rows.append(row("percentile drift (lower = steadier)", "percentile_steadiness", "float"))
+    if seeds > 1:
+        rows.append(["diverged", *[f"{summary[lb]['over_seeds']['diverged']} of {seeds}" for lb in labels]])
+    else:
+        rows.append(["diverged", *["yes" if summary[lb]["diverged"] else "no" for lb in labels]])
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows)
 
@@ -187,6 +237,14 @@ def write_report(out_dir: str | Path, results: dict[str, Any], extra_sections: l
         sections.append(f"<figure>{embed_png(path)}<figcaption>{html.escape(caption)}</figcaption></figure>")
     config = results.get("config", {})
     summary_text = format_summary(results) if "summary" in results else ""
+    seed_list = results.get("seeds") or []
+    seeds_text = (
+        f"Each arm ran with {len(seed_list)} seeds ({', '.join(str(s) for s in seed_list)}: init and batch "
+        "order); the table gives mean ± sample std [min-max] over them, the accuracy figure the mean curve "
+        f"and the min-max band, the other figures seed {seed_list[0]}. "
+        if len(seed_list) > 1
+        else ""
+    )
     explain_html = _table(_explain_rows(results["explain"])) if results.get("explain") else ""
     page = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>batchnorm: with and without batch normalization</title>
@@ -199,8 +257,9 @@ pre {{ background: #f6f6f6; padding: 1em; white-space: pre-wrap; }}
 <h1>Batch normalization in a deep network</h1>
 <p>The same network ({html.escape(str(config.get("model", "")))}, {html.escape(str(config.get("act", "")))}) trained
 from the same init ({html.escape(str(config.get("init", "")))}), seed and mini-batches of
-{html.escape(str(config.get("batch_size", "")))}, with a BN layer before each nonlinearity and without.
-Data: {html.escape(str(results.get("dataset", "")))}. SGD, learning rate {html.escape(str(config.get("lr", "")))},
+{html.escape(str(config.get("batch_size", "")))}, {html.escape(_labels(results)["bn"])} and without.
+{html.escape(seeds_text)}Data: {html.escape(str(results.get("dataset", "")))}.
+SGD, learning rate {html.escape(str(config.get("lr", "")))},
 momentum {html.escape(str(config.get("momentum", "")))}, {html.escape(str(config.get("steps", "")))} steps.</p>
 <h2>Results</h2><pre>{html.escape(summary_text)}</pre>
 <h2>What each BN layer computes</h2>
