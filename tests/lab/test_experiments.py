@@ -369,6 +369,9 @@ def test_seeds_table_figure_and_report_rebuild(
     expected = f"{over['mean']:.3f} ± {over['std']:.3f} [{over['min']:.3f}-{over['max']:.3f}]"
     assert expected in table
     assert "0 of 3" in table
+    assert (
+        results["validation"] == "59 examples (0.1 of each class) held out of the training split, 541 left for training"
+    )
     page = (out / "report.html").read_text(encoding="utf-8")
     assert "3 seeds" in page
     assert (out / "accuracy.png").read_bytes().startswith(PNG_MAGIC)

@@ -64,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
     print(
         f"{config.model}, {config.act}, init {config.init}, batch {config.batch_size}, lr {config.lr}, "
         f"momentum {config.momentum}, {config.steps} steps, seeds {', '.join(str(s) for s in results['seeds'])}; "
-        f"data: {results['dataset']}"
+        f"data: {results['dataset']}; validation split: {results['validation']}"
     )
     if results["reused_runs"]:
         print(f"(reused {results['reused_runs']} finished runs from {args.out}; delete it to train them again)")

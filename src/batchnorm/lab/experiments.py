@@ -348,7 +348,14 @@ def compare(
     dataset = load_dataset(config.data, config.data_dir, seed=config.seed)
     # The probe and the explained batch are normalized as the runs normalize their inputs: fit on the
     # training examples they train on (the training split without its validation part).
-    training_part = split_validation(dataset, config.val_fraction).train_images
+    carved = split_validation(dataset, config.val_fraction)
+    training_part = carved.train_images
+    validation = (
+        f"{len(carved.val_labels)} examples ({config.val_fraction:g} of each class) held out of the training split, "
+        f"{len(training_part)} left for training"
+        if carved.val_labels is not None
+        else "none (--val-fraction 0)"
+    )
     normalizer = InputNormalizer.fit(config.input_norm, training_part)
     probe = normalizer(dataset.test_images[:1000])
     seed_list = [config.seed + offset for offset in range(seeds)]
@@ -395,6 +402,7 @@ def compare(
         "runs": runs,
         "config": dataclasses.asdict(config),
         "dataset": dataset.description,
+        "validation": validation,
         "summary": summary,
         "explain": explanation,
         "definitions": {

@@ -237,6 +237,7 @@ def write_report(out_dir: str | Path, results: dict[str, Any], extra_sections: l
         sections.append(f"<figure>{embed_png(path)}<figcaption>{html.escape(caption)}</figcaption></figure>")
     config = results.get("config", {})
     summary_text = format_summary(results) if "summary" in results else ""
+    validation_text = f"; validation split: {results['validation']}" if results.get("validation") else ""
     seed_list = results.get("seeds") or []
     seeds_text = (
         f"Each arm ran with {len(seed_list)} seeds ({', '.join(str(s) for s in seed_list)}: init and batch "
@@ -258,7 +259,7 @@ pre {{ background: #f6f6f6; padding: 1em; white-space: pre-wrap; }}
 <p>The same network ({html.escape(str(config.get("model", "")))}, {html.escape(str(config.get("act", "")))}) trained
 from the same init ({html.escape(str(config.get("init", "")))}), seed and mini-batches of
 {html.escape(str(config.get("batch_size", "")))}, {html.escape(_labels(results)["bn"])} and without.
-{html.escape(seeds_text)}Data: {html.escape(str(results.get("dataset", "")))}.
+{html.escape(seeds_text)}Data: {html.escape(str(results.get("dataset", "")))}{html.escape(validation_text)}.
 SGD, learning rate {html.escape(str(config.get("lr", "")))},
 momentum {html.escape(str(config.get("momentum", "")))}, {html.escape(str(config.get("steps", "")))} steps.</p>
 <h2>Results</h2><pre>{html.escape(summary_text)}</pre>
