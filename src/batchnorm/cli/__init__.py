@@ -30,6 +30,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "tune": ("batchnorm.cli.tune", "grid search (Optuna) over lr, momentum, weight decay, ... then the full run"),
     "fold": ("batchnorm.cli.fold", "fold BN into the layers before it; check and save a self-contained program"),
     "recalibrate": ("batchnorm.cli.recalibrate", "precise BN: recompute running statistics over the training split"),
+    "experiment": ("batchnorm.cli.experiment", "named experiments: lr-sweep, small-batch, eval-stats (--seeds K)"),
 }
 
 THREADS_HELP = (
