@@ -275,6 +275,10 @@ def test_eval_stats_writes_results_figures_and_report(eval_results: tuple[Path, 
         for method in eval_stats.METHODS:
             _assert_spread(item["methods"][method]["test_accuracy"], [row["test"][method] for row in rows])
             _assert_spread(item["methods"][method]["val_accuracy"], [row["val"][method] for row in rows])
+        _assert_spread(item["precise_minus_ema"], [row["test"]["precise"] - row["test"]["ema"] for row in rows])
+        assert item["precise_wins"] == sum(row["test"]["precise"] > row["test"]["ema"] for row in rows)
+        for key in ("mean_shift_in_std", "abs_log_var_ratio"):
+            _assert_spread(item["stats_gap"][key], [row["stats_gap"][key] for row in rows])
         means = {m: item["methods"][m]["val_accuracy"]["mean"] for m in eval_stats.METHODS}
         assert item["selected"] == max(eval_stats.METHODS, key=lambda m: means[m])
         assert item["selected_test_accuracy"] == item["methods"][item["selected"]]["test_accuracy"]
