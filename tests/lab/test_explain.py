@@ -23,7 +23,7 @@ from torch import nn
 import batchnorm as bn
 from batchnorm.cli import main
 from batchnorm.lab.data import load_dataset
-from batchnorm.lab.explain import explain_unit, format_table
+from batchnorm.lab.explain import explain_unit, format_table, format_unit
 from batchnorm.lab.models import build_model
 from batchnorm.reference import batch_norm_forward
 from helpers import run_cli
@@ -287,6 +287,110 @@ def test_explain_unit_steps_equal_numpy_and_the_layers_own_output(factory: Facto
     np.testing.assert_allclose(np.asarray(result["normalized"]).var(), variance / (variance + module.eps), rtol=1e-10)
 
 
+def _torch_unit_reference(
+    model: nn.Module, x: torch.Tensor, layer: str, unit: int, *, train: bool
+) -> tuple[np.ndarray, float, float]:
+    """Torch's own float64 answer for one feature: the output, and the running mean/var after the pass.
+
+    The layer's real input is captured on a copy of the model run in ``train`` or eval mode, and
+    ``torch.nn.functional.batch_norm`` (feature axis moved to 1) is applied to it in float64 with
+    float64 copies of the layer's parameters and stored running statistics, which torch updates in
+    place when ``train``.
+    """
+    module = dict(model.named_modules())[layer]
+    inp = torch.from_numpy(_capture_bn_inputs(model, x, train=train)[layer])
+    axis = module.axis % inp.dim() if isinstance(module, bn.BatchNorm) else 1
+    running_mean, running_var = module.running_mean.double().clone(), module.running_var.double().clone()
+    y = torch.nn.functional.batch_norm(
+        inp.movedim(axis, 1), running_mean, running_var, module.weight.detach().double(),
+        module.bias.detach().double(), training=train, momentum=0.1, eps=module.eps,
+    ).movedim(1, axis)  # fmt: skip
+    return y.select(axis, unit).flatten().numpy(), float(running_mean[unit]), float(running_var[unit])
+
+
+@pytest.mark.parametrize(
+    ("factory", "layer", "unit"),
+    [
+        pytest.param(_dense, "bn2", 4, id="dense"),
+        pytest.param(_conv, "bn2", 6, id="cnn"),
+        pytest.param(_torch_layers, "4", 3, id="torch-bn"),
+        pytest.param(_sequence, "norm", 5, id="sequence"),
+    ],
+)
+def test_explain_unit_in_eval_mode_walks_the_running_statistics(factory: Factory, layer: str, unit: int) -> None:
+    """``--eval``: the step view normalizes with running_mean/running_var, as torch's layer does in eval mode."""
+    model, x = factory()
+    _randomize_affine(model)
+    module = dict(model.named_modules())[layer]
+    before = _state_snapshot(model)
+    result = explain_unit(model, x, layer, unit, mode="eval")
+    _assert_unchanged(model, before)
+    eval_output, _, _ = _torch_unit_reference(model, x, layer, unit, train=False)
+    train_output, _, _ = _torch_unit_reference(model, x, layer, unit, train=True)
+
+    assert result["mode"] == "eval"
+    assert result["statistics"] == "running"
+    assert "running_mean and running_var" in result["statistics_text"]
+    assert "nothing was updated" in result["statistics_text"]
+    assert result["mean"] == float(module.running_mean[unit])
+    assert result["variance"] == float(module.running_var[unit])
+    assert result["running_mean"] == float(module.running_mean[unit])
+    assert result["inv_std"] == pytest.approx(1 / math.sqrt(float(module.running_var[unit]) + module.eps), rel=1e-12)
+    assert "running_mean_after" not in result
+    # The step-by-step output is torch's eval-mode output of this feature (float64), not the training one.
+    np.testing.assert_allclose(result["output"], eval_output, rtol=1e-9, atol=1e-10)
+    assert not np.allclose(result["output"], train_output, atol=1e-3)
+    np.testing.assert_allclose(result["layer_output"], eval_output, rtol=1e-4, atol=1e-5)
+    # The batch statistics are still reported, for contrast.
+    values = np.asarray(result["values"])
+    assert result["batch_mean"] == pytest.approx(values.mean(), rel=1e-12, abs=1e-14)
+    assert result["batch_variance"] == pytest.approx(values.var(), rel=1e-12)
+
+    text = format_unit(result)
+    assert "statistics used: eval mode: the layer normalized with its stored running_mean and running_var" in text
+    assert f"mu = running_mean[{unit}] = {result['mean']:+.6f}" in text
+    assert f"var = running_var[{unit}] = {result['variance']:.6f}" in text
+    assert "nothing was updated" in text
+    assert "mu = sum(x) / m" not in text
+
+
+@pytest.mark.parametrize(
+    ("factory", "layer", "unit"),
+    [pytest.param(_conv, "bn1", 2, id="cnn"), pytest.param(_torch_layers, "7", 1, id="torch-bn1d")],
+)
+def test_explain_unit_in_train_mode_names_the_batch_statistics_and_the_running_update(
+    factory: Factory, layer: str, unit: int
+) -> None:
+    model, x = factory()
+    _randomize_affine(model)
+    result = explain_unit(model, x, layer, unit)
+    train_output, running_mean_after, running_var_after = _torch_unit_reference(model, x, layer, unit, train=True)
+    assert result["mode"] == "train"
+    assert result["statistics"] == "batch"
+    assert result["mean"] == result["batch_mean"]
+    assert result["variance"] == result["batch_variance"]
+    np.testing.assert_allclose(result["output"], train_output, rtol=1e-9, atol=1e-10)
+    # torch's own momentum update of the running statistics (unbiased variance), float64.
+    assert result["momentum"] == 0.1
+    assert result["running_mean_after"] == pytest.approx(running_mean_after, rel=1e-12, abs=1e-14)
+    assert result["running_var_after"] == pytest.approx(running_var_after, rel=1e-12)
+    text = format_unit(result)
+    assert f"statistics used: train mode: the layer normalized with this batch's mean and biased variance of the " \
+        f"{result['values_per_statistic']} values" in text  # fmt: skip
+    assert "running statistics updated with momentum 0.1" in text
+
+
+def test_explain_unit_in_eval_mode_without_running_statistics_uses_the_batch() -> None:
+    layer = nn.BatchNorm1d(3, track_running_stats=False)
+    x = torch.randn(7, 3)
+    result = explain_unit(nn.Sequential(layer), x, "0", 1, mode="eval")
+    assert result["statistics"] == "batch"
+    assert "keeps no running statistics" in result["statistics_text"]
+    np.testing.assert_allclose(result["layer_output"], result["output"], rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="expected mode 'train' or 'eval', got 'test'"):
+        explain_unit(nn.Sequential(layer), x, "0", 1, mode="test")
+
+
 def test_explain_unit_contrasts_with_input_standardization() -> None:
     model = build_model("mlp:4-3-2", seed=0, init="normal:0.3")
     raw = torch.tensor([[0.0, 1.0, 2.0, 3.0], [0.0, 3.0, 2.0, 1.0], [0.0, 5.0, 2.0, 2.0]])
@@ -373,6 +477,21 @@ def test_cli_explain_unit_prints_mean_and_variance(capsys: pytest.CaptureFixture
     assert f"variance var = sum((x - mu)^2) / m = {result['variance']:.6f}" in text
     assert "m = 30 values" in text
     assert "input standardization" in text
+
+
+def test_cli_explain_eval_unit_names_the_running_statistics(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["explain", *SYNTHETIC_MLP, "--batch-size", "30", "--layer", "bn2", "--unit", "3", "--eval"]
+    code, out, err = run_cli([*argv, "--json"], capsys)
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["mode"] == "eval"
+    assert result["statistics"] == "running"
+    assert result["mean"] == result["running_mean"]
+    assert result["variance"] == result["running_var"]
+    code, text, err = run_cli(argv, capsys)
+    assert code == 0, err
+    assert "statistics used: eval mode" in text
+    assert "mu = running_mean[3]" in text
 
 
 @pytest.fixture(scope="module")

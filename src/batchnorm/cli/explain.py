@@ -65,7 +65,9 @@ def run(args: argparse.Namespace) -> int:
     if (args.layer is None) != (args.unit is None):
         raise ValueError("--layer and --unit go together (e.g. --layer bn2 --unit 0)")
     if args.layer is not None:
-        result = explain_unit(model, batch, args.layer, args.unit, pixel_stats, raw)
+        result = explain_unit(
+            model, batch, args.layer, args.unit, pixel_stats, raw, mode="eval" if args.eval else "train"
+        )
         print(json.dumps(result) if args.json else format_unit(result))
         return 0
     try:

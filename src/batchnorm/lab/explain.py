@@ -10,9 +10,12 @@ train/eval modes are restored exactly afterwards, so explaining a model
 changes nothing.
 
 :func:`explain_unit` follows one statistic step by step: the ``m`` values that
-feed feature ``k`` of one layer, their mean, their variance, the normalized
-values, and gamma and beta applied, next to what input standardization does
-(fixed per-pixel statistics of the raw training set).
+feed feature ``k`` of one layer, the mean and variance the layer normalizes
+them with (in training: this batch's, after which the running statistics
+move by ``momentum``; in eval: the stored running statistics, nothing
+updated), the normalized values, and gamma and beta applied, next to what
+input standardization does (fixed per-pixel statistics of the raw training
+set).
 """
 
 from __future__ import annotations
@@ -203,6 +206,16 @@ def format_table(records: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _running_update(module: nn.Module, buffers: dict[str, Tensor], prefix: str) -> tuple[float | None, int | None]:
+    """The weight of the new batch in the running averages, and the batch counter before this batch."""
+    counter = buffers.get(f"{prefix}num_batches_tracked")
+    tracked = None if counter is None else int(counter)
+    momentum = getattr(module, "momentum", None)
+    if momentum is None:  # cumulative average over the batches seen, this one included
+        return (1.0 / (tracked + 1) if tracked is not None else None), tracked
+    return float(momentum), tracked
+
+
 def explain_unit(
     model: nn.Module,
     example_input: Tensor,
@@ -210,20 +223,40 @@ def explain_unit(
     unit: int,
     input_standardization: tuple[Tensor, Tensor] | None = None,
     raw_input: Tensor | None = None,
+    *,
+    mode: str = "train",
 ) -> dict[str, Any]:
     """One statistic of one BN layer, computed step by step from the layer's real input.
 
-    Returns a dict with the ``values`` (all ``m`` of them) feeding feature
-    ``unit`` of layer ``layer``, their ``mean``, biased ``variance``, ``eps``,
+    In ``mode="train"`` (default) the model runs as in training: the layer
+    normalizes feature ``unit`` with the mean and biased variance of the ``m``
+    values of this batch, and would then update its running statistics with
+    ``momentum`` (``running_mean_after`` / ``running_var_after``, using the
+    unbiased variance). In ``mode="eval"`` the model runs as in inference:
+    the layer normalizes with its stored ``running_mean`` / ``running_var``
+    and updates nothing; the batch mean and variance are still reported, for
+    contrast only. (A layer without running statistics uses the batch in
+    both modes, as torch does.)
+
+    Returns a dict with ``mode``, ``statistics`` (``"batch"`` or
+    ``"running"``: what the layer normalized with), ``statistics_text`` (the
+    same in words), the ``values`` (all ``m`` of them) feeding the feature,
+    ``mean`` and ``variance`` (the statistics *used*), ``batch_mean``,
+    ``batch_variance`` (biased), ``unbiased_variance``, ``running_mean`` and
+    ``running_var`` (stored, before this batch; None without them), ``eps``,
     ``inv_std``, the ``normalized`` values, ``gamma``, ``beta`` and the
     ``output`` values, plus ``layer_output`` (what the layer itself returned,
     for comparison). With ``input_standardization`` = (per-pixel mean, std of
     the raw training set) and the ``raw_input`` batch, it also reports how
     the most variable pixel is standardized, for contrast.
 
+    The model's buffers and modes are restored afterwards.
+
     Raises:
-        ValueError: unknown layer name, a layer that is not BN, or a unit out of range.
+        ValueError: unknown layer name, a layer that is not BN, a unit out of range, or an unknown mode.
     """
+    if mode not in ("train", "eval"):
+        raise ValueError(f"expected mode 'train' or 'eval', got {mode!r}")
     modules = dict(model.named_modules())
     if layer not in modules:
         bn_names = [name for name, module in modules.items() if is_batch_norm(module)]
@@ -240,7 +273,7 @@ def explain_unit(
     buffers, modes = _snapshot(model)
     handle = module.register_forward_hook(hook)
     try:
-        model.train()
+        model.train(mode == "train")
         with torch.no_grad():
             model(example_input)
     finally:
@@ -252,12 +285,38 @@ def explain_unit(
         raise ValueError(
             f"unit {unit} is out of range: layer {layer!r} has {x.shape[feature]} features (0..{x.shape[feature] - 1})"
         )
+    prefix = f"{layer}." if layer else ""
+    stored_mean = buffers.get(f"{prefix}running_mean")
+    stored_var = buffers.get(f"{prefix}running_var")
+    running_mean = float(stored_mean[unit]) if stored_mean is not None else None
+    running_var = float(stored_var[unit]) if stored_var is not None else None
     values = x.select(feature, unit).double().flatten()
     m = values.numel()
-    mean = values.sum() / m
-    variance = ((values - mean) ** 2).sum() / m
+    batch_mean = values.sum() / m
+    batch_variance = ((values - batch_mean) ** 2).sum() / m
+    unbiased = float(batch_variance) * m / (m - 1) if m > 1 else float("nan")
+    if mode == "eval" and running_mean is not None and running_var is not None:
+        mean, variance = running_mean, running_var
+        statistics = "running"
+        statistics_text = (
+            "eval mode: the layer normalized with its stored running_mean and running_var (estimates from "
+            "training); this batch's statistics were not used and nothing was updated"
+        )
+    else:
+        mean, variance = float(batch_mean), float(batch_variance)
+        statistics = "batch"
+        if mode == "eval":
+            statistics_text = (
+                "eval mode, but this layer keeps no running statistics: it normalized with this batch's mean "
+                f"and biased variance of the {m} values"
+            )
+        else:
+            statistics_text = (
+                f"train mode: the layer normalized with this batch's mean and biased variance of the {m} values"
+                + ("; its running statistics are updated with momentum" if running_mean is not None else "")
+            )
     eps = float(getattr(module, "eps", 1e-5))
-    inv_std = 1.0 / math.sqrt(float(variance) + eps)
+    inv_std = 1.0 / math.sqrt(variance + eps)
     normalized = (values - mean) * inv_std
     weight = getattr(module, "weight", None)
     bias = getattr(module, "bias", None)
@@ -266,13 +325,20 @@ def explain_unit(
     result: dict[str, Any] = {
         "layer": layer,
         "unit": unit,
+        "mode": mode,
+        "statistics": statistics,
+        "statistics_text": statistics_text,
         "input_shape": list(x.shape),
         "feature_axis": feature,
         "values_per_statistic": m,
         "values": values.tolist(),
-        "mean": float(mean),
-        "variance": float(variance),
-        "unbiased_variance": float(variance) * m / (m - 1) if m > 1 else float("nan"),
+        "mean": mean,
+        "variance": variance,
+        "batch_mean": float(batch_mean),
+        "batch_variance": float(batch_variance),
+        "unbiased_variance": unbiased,
+        "running_mean": running_mean,
+        "running_var": running_var,
         "eps": eps,
         "inv_std": inv_std,
         "normalized": normalized.tolist(),
@@ -281,6 +347,13 @@ def explain_unit(
         "output": (gamma * normalized + beta).tolist(),
         "layer_output": captured["output"].select(feature, unit).double().flatten().tolist(),
     }
+    if mode == "train" and running_mean is not None and running_var is not None:
+        weight_new, tracked = _running_update(module, buffers, prefix)
+        if weight_new is not None:
+            result["momentum"] = weight_new
+            result["running_mean_after"] = (1 - weight_new) * running_mean + weight_new * float(batch_mean)
+            result["running_var_after"] = (1 - weight_new) * running_var + weight_new * unbiased
+        result["num_batches_tracked"] = tracked
     if input_standardization is not None and raw_input is not None:
         pixel_mean, pixel_std = (t.flatten() for t in input_standardization)
         raw = raw_input.flatten(1)
@@ -301,17 +374,30 @@ def _short(values: list[float], count: int = 8) -> str:
 
 
 def format_unit(result: dict[str, Any]) -> str:
-    """Human-readable step-by-step text for :func:`explain_unit`'s result."""
+    """Human-readable step-by-step text for :func:`explain_unit`'s result, naming the statistics the layer used."""
     shape = result["input_shape"]
     m = result["values_per_statistic"]
     lines = [
         f"layer {result['layer']}, feature {result['unit']}: input shape {tuple(shape)}, feature axis "
         f"{result['feature_axis']}",
+        f"statistics used: {result['statistics_text']}.",
         f"1. the values: every entry with index {result['unit']} on axis {result['feature_axis']}: m = {m} values",
         f"   x = {_short(result['values'])}",
-        f"2. mean     mu = sum(x) / m = {result['mean']:+.6f}",
-        f"3. variance var = sum((x - mu)^2) / m = {result['variance']:.6f}  (biased; the running estimate "
-        f"gets var * m/(m-1) = {result['unbiased_variance']:.6f})",
+    ]
+    if result["statistics"] == "running":
+        lines += [
+            f"2. mean     mu = running_mean[{result['unit']}] = {result['mean']:+.6f}  (stored; this batch's "
+            f"mean sum(x) / m = {result['batch_mean']:+.6f} is not used)",
+            f"3. variance var = running_var[{result['unit']}] = {result['variance']:.6f}  (stored; this batch's "
+            f"variance sum((x - mu_B)^2) / m = {result['batch_variance']:.6f} is not used)",
+        ]
+    else:
+        lines += [
+            f"2. mean     mu = sum(x) / m = {result['mean']:+.6f}",
+            f"3. variance var = sum((x - mu)^2) / m = {result['variance']:.6f}  (biased; the running estimate "
+            f"gets var * m/(m-1) = {result['unbiased_variance']:.6f})",
+        ]
+    lines += [
         f"4. normalize x_hat = (x - mu) / sqrt(var + eps), eps = {result['eps']:g}, 1/sqrt(var+eps) = "
         f"{result['inv_std']:.6f}",
         f"   x_hat = {_short(result['normalized'])}",
@@ -319,6 +405,16 @@ def format_unit(result: dict[str, Any]) -> str:
         f"   y = {_short(result['output'])}",
         f"   (the layer itself returned {_short(result['layer_output'])})",
     ]
+    if "running_mean_after" in result:
+        weight = result["momentum"]
+        lines += [
+            f"6. running statistics updated with momentum {weight:g} (weight of this batch): running_mean "
+            f"{result['running_mean']:+.6f} -> {result['running_mean_after']:+.6f}, running_var "
+            f"{result['running_var']:.6f} -> {result['running_var_after']:.6f} (unbiased batch variance); "
+            "eval mode would normalize with these",
+        ]
+    elif result["statistics"] == "running":
+        lines.append("   nothing was updated: in eval mode the running statistics stay as they are.")
     standardization = result.get("input_standardization")
     if standardization is not None:
         lines += [
