@@ -7,6 +7,7 @@ benchmarks/bench_kernels.py``).
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from collections.abc import Sequence
@@ -14,11 +15,66 @@ from pathlib import Path
 
 import torch
 
-from batchnorm.cli.argtypes import argument_type, comma_separated, positive_int
+from batchnorm.cli.argtypes import (
+    argument_type,
+    check_output_dir,
+    comma_separated,
+    memory_limit_bytes,
+    output_dir,
+    output_file,
+    positive_int,
+    threads,
+)
 from batchnorm.lab import bench
-from batchnorm.lab.bench import OPERATIONS, BenchOptions, parse_case, parse_dtype, parse_kernel, parse_operation
+from batchnorm.lab.bench import (
+    OPERATIONS,
+    BenchOptions,
+    Case,
+    parse_case,
+    parse_dtype,
+    parse_kernel,
+    parse_operation,
+)
 
-__all__ = ["configure_parser", "main", "run"]
+__all__ = ["configure_parser", "main", "parse_shape", "run"]
+
+MAX_BLOCK_MS = 60_000.0
+DEVICES = ("cpu", "cuda")
+# Bytes per element a case may hold at once: input, output, gradients and saved statistics in float64.
+BYTES_PER_ELEMENT = 8 * 8
+
+
+def parse_shape(text: str) -> Case:
+    """A ``--shapes`` case (:func:`batchnorm.lab.bench.parse_case`) whose tensors fit in memory (``ValueError``)."""
+    case = parse_case(text)
+    elements = math.prod(case.shape)
+    needed, limit = elements * BYTES_PER_ELEMENT, memory_limit_bytes()
+    if needed > limit:
+        raise ValueError(
+            f"{text!r} has {elements:.3g} elements: about {needed / 2**30:.1f} GiB of tensors, more than half of "
+            f"this machine's memory ({limit / 2**30:.1f} GiB)"
+        )
+    return case
+
+
+def _block_ms(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value <= MAX_BLOCK_MS:
+        raise argparse.ArgumentTypeError(f"expected a number of milliseconds > 0 and <= {MAX_BLOCK_MS:g}, got {text!r}")
+    return value
+
+
+def _device(text: str) -> str:
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        device = None
+    if device is None or device.type not in DEVICES:
+        raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {text!r}")
+    return text
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
@@ -28,7 +84,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--shapes",
-        type=comma_separated(argument_type(parse_case)),
+        type=comma_separated(argument_type(parse_shape)),
         default=None,
         help="comma-separated cases LAYOUT:AxBx... (layouts: dense, nchw, channels-last, sequence) or suite "
         "shapes; default: the whole suite",
@@ -57,11 +113,11 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--block-ms",
-        type=float,
+        type=_block_ms,
         default=None,
         help="target duration of one timed block in ms (default 20, 8 with --quick)",
     )
-    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    parser.add_argument("--device", type=_device, default="cpu", help="cpu (default), cuda or cuda:N")
     parser.add_argument(
         "--explain", action="store_true", help="print which kernel path is chosen for every case, then time"
     )
@@ -73,9 +129,14 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         "--steps", type=positive_int, default=None, help="end-to-end steps per timed block (default 20)"
     )
     parser.add_argument(
-        "--out", type=Path, default=Path("runs/bench"), help="folder for bench.json (default runs/bench)"
+        "--out", type=output_dir, default=None, help="folder for bench.json, created if missing (default runs/bench)"
     )
-    parser.add_argument("--json", type=Path, default=None, help="write the results here instead of OUT/bench.json")
+    parser.add_argument(
+        "--json",
+        type=output_file,
+        default=None,
+        help="write the results here instead of OUT/bench.json (its folder must exist; checked before timing)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -84,6 +145,9 @@ def run(args: argparse.Namespace) -> int:
     if threads is None:  # the CLI's default: $BATCHNORM_THREADS, else 1
         value = os.environ.get("BATCHNORM_THREADS", "1")
         threads = int(value) if value.isdigit() and int(value) > 0 else 1
+    out = Path(args.out) if args.out is not None else Path("runs/bench")
+    if args.json is None and not args.explain_only:
+        check_output_dir(out)  # the default folder: checked before timing, like --out and --json
     torch.set_num_threads(threads)
     if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
         sys.stderr.write("batchnorm bench: error: --device cuda, but torch.cuda.is_available() is False\n")
@@ -101,7 +165,7 @@ def run(args: argparse.Namespace) -> int:
         explain_only=args.explain_only,
         end_to_end=args.end_to_end,
         steps=args.steps,
-        out=args.out,
+        out=out,
         json_path=args.json,
     )
     bench.run(options)
@@ -113,7 +177,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="bench_kernels", description=bench.__doc__.split("\n\n")[0] if bench.__doc__ else None
     )
-    parser.add_argument("--threads", type=positive_int, default=None, help="CPU threads for torch (default 1)")
+    parser.add_argument("--threads", type=threads, default=None, help="CPU threads for torch, 1 to 1024 (default 1)")
     configure_parser(parser)
     args = parser.parse_args(argv)
     torch.set_flush_denormal(True)

@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from batchnorm.cli.argtypes import positive_int
+from batchnorm.cli.argtypes import output_dir, positive_int
 from batchnorm.cli.options import (
     add_data_arguments,
     add_model_arguments,
@@ -46,7 +46,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         "in the table, results.json and the accuracy figure (default %(default)s)",
     )
     parser.set_defaults(init=defaults.init, input_norm=defaults.input_norm, lr=defaults.lr, momentum=defaults.momentum)
-    parser.add_argument("--out", default="runs/compare", help="output folder (default %(default)s)")
+    parser.add_argument(
+        "--out", type=output_dir, default="runs/compare", help="output folder, created if missing (default %(default)s)"
+    )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
 
 

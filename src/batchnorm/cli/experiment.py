@@ -7,7 +7,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from batchnorm.cli.argtypes import UsageError, comma_separated, fraction, positive_float, positive_int
+from batchnorm.cli.argtypes import (
+    UsageError,
+    comma_separated,
+    fraction,
+    learning_rate,
+    output_dir,
+    positive_int,
+    seed,
+)
 from batchnorm.lab.data import DATASETS
 from batchnorm.lab.models import NORMS
 from batchnorm.lab.studies import EXPERIMENTS, format_table, run_experiment
@@ -61,8 +69,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         default=None,
         help=f"seeds per configuration (defaults: lr-sweep {lr.seeds}, small-batch {sb.seeds}, eval-stats {es.seeds})",
     )
-    parser.add_argument("--seed", type=int, default=0, help="first seed (seeds SEED..SEED+K-1; default %(default)s)")
-    parser.add_argument("--out", default=None, help="output folder (default runs/experiment-NAME)")
+    parser.add_argument("--seed", type=seed, default=0, help="first seed (seeds SEED..SEED+K-1; default %(default)s)")
+    parser.add_argument("--out", type=output_dir, default=None, help="output folder (default runs/experiment-NAME)")
     parser.add_argument("--data", choices=DATASETS, default="mnist5k", help="dataset (default %(default)s)")
     parser.add_argument(
         "--val-fraction",
@@ -74,7 +82,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("experiment settings (each applies only to the experiments named)")
     group.add_argument(
         "--lrs",
-        type=comma_separated(positive_float),
+        type=comma_separated(learning_rate),
         default=None,
         help=f"lr-sweep: learning rates (default {','.join(f'{v:g}' for v in lr.lrs)})",
     )

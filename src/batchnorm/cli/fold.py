@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from batchnorm.cli.argtypes import UsageError, positive_float
+from batchnorm.cli.argtypes import check_output_file, positive_float
 from batchnorm.deploy import fold
 from batchnorm.lab.data import InputNormalizer, load_dataset
 from batchnorm.lab.training import TrainConfig, model_from_checkpoint
@@ -31,15 +31,7 @@ DEFAULT_TOLERANCE = 1e-5
 
 def check_output_path(path: Path, force: bool) -> None:
     """Refuse, before any work, an output that exists (without ``--force``), a missing or unwritable folder."""
-    if path.is_dir():
-        raise UsageError(f"--out {path} is a folder; give a file name")
-    if path.exists() and not force:
-        raise UsageError(f"--out {path} exists; pass --force to overwrite it")
-    parent = path.parent if str(path.parent) else Path(".")
-    if not parent.is_dir():
-        raise UsageError(f"--out {path}: the folder {parent} does not exist")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise UsageError(f"--out {path}: the folder {parent} is not writable")
+    check_output_file(path, "--out", force=force)
 
 
 def load_data_of(config: TrainConfig, data_dir: str | None) -> Any:

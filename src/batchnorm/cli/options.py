@@ -9,7 +9,18 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from batchnorm.cli.argtypes import fraction, non_negative_float, positive_float, positive_int
+from batchnorm.cli.argtypes import (
+    check_model_size,
+    fraction,
+    learning_rate,
+    model_spec,
+    momentum,
+    non_negative_float,
+    positive_float,
+    positive_int,
+    seed,
+    weight_decay,
+)
 from batchnorm.lab.data import DATASETS, INPUT_NORMS
 from batchnorm.lab.models import ACTIVATIONS, INIT_HELP, NORM_HELP, NORMS, PLACEMENTS, SPEC_HELP
 from batchnorm.lab.training import TrainConfig
@@ -27,7 +38,13 @@ __all__ = [
 def add_model_arguments(parser: argparse.ArgumentParser, defaults: TrainConfig) -> None:
     """Options that define the network (shared by train, explain, compare, tune)."""
     group = parser.add_argument_group("model")
-    group.add_argument("--model", default=None, help=f"{SPEC_HELP} (default {defaults.model})")
+    group.add_argument(
+        "--model",
+        type=model_spec,
+        default=None,
+        help=f"{SPEC_HELP}; at most 1e9 parameters, and the training footprint at most half of this machine's "
+        f"memory (default {defaults.model})",
+    )
     group.add_argument("--act", choices=ACTIVATIONS, default=None, help=f"nonlinearity (default {defaults.act})")
     group.add_argument("--norm", choices=NORMS, default=None, help=f"{NORM_HELP} (default {defaults.norm})")
     group.add_argument(
@@ -107,15 +124,17 @@ def add_data_arguments(parser: argparse.ArgumentParser, defaults: TrainConfig) -
 
 def add_optimizer_arguments(parser: argparse.ArgumentParser, defaults: TrainConfig) -> None:
     group = parser.add_argument_group("optimization (torch.optim.SGD)")
-    group.add_argument("--lr", type=positive_float, default=defaults.lr, help="learning rate (default %(default)s)")
     group.add_argument(
-        "--momentum", type=non_negative_float, default=defaults.momentum, help="SGD momentum (default %(default)s)"
+        "--lr", type=learning_rate, default=defaults.lr, help="learning rate, > 0 and <= 1e6 (default %(default)s)"
+    )
+    group.add_argument(
+        "--momentum", type=momentum, default=defaults.momentum, help="SGD momentum, in [0, 1) (default %(default)s)"
     )
     group.add_argument(
         "--weight-decay",
-        type=non_negative_float,
+        type=weight_decay,
         default=defaults.weight_decay,
-        help="L2 penalty (default %(default)s)",
+        help="L2 penalty, >= 0 and <= 1e6 (default %(default)s)",
     )
     group.add_argument(
         "--batch-size", type=positive_int, default=defaults.batch_size, help="examples per step (default %(default)s)"
@@ -129,7 +148,9 @@ def add_optimizer_arguments(parser: argparse.ArgumentParser, defaults: TrainConf
     group.add_argument(
         "--eval-every", type=positive_int, default=defaults.eval_every, help="test-set evaluation interval"
     )
-    group.add_argument("--seed", type=int, default=defaults.seed, help="seed for init and batch order")
+    group.add_argument(
+        "--seed", type=seed, default=defaults.seed, help="seed for init and batch order, 0 to 2147483647"
+    )
     group.add_argument(
         "--no-guard", action="store_true", help="disable the divergence guard (non-finite or exploding loss/weights)"
     )
@@ -171,4 +192,5 @@ def config_from_args(args: argparse.Namespace, defaults: TrainConfig) -> TrainCo
     if hasattr(args, "checkpoint_every"):
         config.checkpoint_every = args.checkpoint_every
     config.validate()
+    check_model_size(config.model, config.batch_size)
     return config

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from batchnorm.cli.argtypes import UsageError, positive_int
+from batchnorm.cli.argtypes import UsageError, positive_int, seed
 from batchnorm.cli.fold import check_output_path, load_data_of
 from batchnorm.deploy import recalibrate
 from batchnorm.lab.data import split_validation
@@ -68,7 +68,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         metavar="K",
         help="batches to pool (default: every full batch of one pass over the training split)",
     )
-    parser.add_argument("--seed", type=int, default=0, help="seed of the shuffle (default %(default)s)")
+    parser.add_argument("--seed", type=seed, default=0, help="seed of the shuffle (default %(default)s)")
     parser.add_argument("--data-dir", default=None, help="MNIST IDX folder (checkpoints of --data mnist)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from batchnorm.cli.argtypes import UsageError, positive_int
+from batchnorm.cli.argtypes import UsageError, output_dir, positive_int
 from batchnorm.cli.options import (
     add_data_arguments,
     add_model_arguments,
@@ -44,7 +44,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--checkpoint-every", type=positive_int, default=defaults.checkpoint_every, help="checkpoint interval"
     )
-    parser.add_argument("--out", default="runs/train", help="output folder (default %(default)s)")
+    parser.add_argument(
+        "--out", type=output_dir, default="runs/train", help="output folder, created if missing (default %(default)s)"
+    )
     parser.add_argument("--resume", default=None, metavar="CKPT", help="continue from this checkpoint")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 

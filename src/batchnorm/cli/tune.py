@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from batchnorm.cli.argtypes import positive_int
+from batchnorm.cli.argtypes import output_dir, positive_int
 from batchnorm.cli.options import (
     add_data_arguments,
     add_model_arguments,
@@ -69,7 +69,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     steps_option = parser._option_string_actions["--steps"]
     steps_option.help = f"SGD steps of the full run with the best setting (default {defaults.steps})"
     parser.add_argument("--no-final", action="store_true", help="skip the full run with the best setting")
-    parser.add_argument("--out", default="runs/tune", help="output folder (default %(default)s)")
+    parser.add_argument(
+        "--out", type=output_dir, default="runs/tune", help="output folder, created if missing (default %(default)s)"
+    )
     parser.add_argument(
         "--jobs", type=positive_int, default=1, help="worker processes, one trial each at a time (default 1)"
     )

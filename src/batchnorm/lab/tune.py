@@ -126,7 +126,11 @@ OBJECTIVE = "val_accuracy"
 # --------------------------------------------------------------------------- grid strings
 
 
-def _number(name: str, text: str, *, positive: bool) -> float:
+# The command line's limits (batchnorm.cli.argtypes): --lr and --weight-decay at most 1e6, --momentum below 1.
+MAX_GRID_RATE = 1e6
+
+
+def _number(name: str, text: str, *, positive: bool, below: float | None = None, at_most: float | None = None) -> float:
     try:
         value = float(text)
     except ValueError:
@@ -134,6 +138,10 @@ def _number(name: str, text: str, *, positive: bool) -> float:
     if not math.isfinite(value) or value < 0 or (positive and value == 0):
         bound = "> 0" if positive else ">= 0"
         raise ValueError(f"--grid {name}: expected finite numbers {bound}, got {text!r}")
+    if below is not None and value >= below:
+        raise ValueError(f"--grid {name}: expected numbers >= 0 and < {below:g}, got {text!r}")
+    if at_most is not None and value > at_most:
+        raise ValueError(f"--grid {name}: expected numbers <= {at_most:g}, got {text!r}")
     return value
 
 
@@ -166,9 +174,9 @@ def _init(name: str, text: str) -> GridValue:
 
 # option (TrainConfig field) -> parser of one value; the order is the one shown in --help.
 GRID_OPTIONS: dict[str, Callable[[str, str], GridValue]] = {
-    "lr": lambda name, text: _number(name, text, positive=True),
-    "momentum": lambda name, text: _number(name, text, positive=False),
-    "weight_decay": lambda name, text: _number(name, text, positive=False),
+    "lr": lambda name, text: _number(name, text, positive=True, at_most=MAX_GRID_RATE),
+    "momentum": lambda name, text: _number(name, text, positive=False, below=1.0),
+    "weight_decay": lambda name, text: _number(name, text, positive=False, at_most=MAX_GRID_RATE),
     "batch_size": _integer,
     "norm": _choice(NORMS),
     "act": _choice(ACTIVATIONS),
