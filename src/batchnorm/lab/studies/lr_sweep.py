@@ -300,7 +300,7 @@ def _figures(out: Path, results: dict[str, Any]) -> list[tuple[str, str]]:
     plt = pyplot()
     threshold = results["config"]["threshold"]
     figure, axis = plt.subplots(figsize=(7, 4.5))
-    for norm, rows in results["grid"].items():
+    for index, (norm, rows) in enumerate(results["grid"].items()):
         color = COLORS.get(norm)
         lrs = [row["lr"] for row in rows]
         error_bars(axis, lrs, [row["val_accuracy"] for row in rows], ARM_NAMES.get(norm, norm), color)
@@ -308,7 +308,7 @@ def _figures(out: Path, results: dict[str, Any]) -> list[tuple[str, str]]:
         if diverged:
             axis.scatter(
                 diverged,
-                [0.02] * len(diverged),
+                [0.02 + 0.04 * index] * len(diverged),
                 marker="x",
                 color=color,
                 label=f"{ARM_NAMES.get(norm, norm)}: a seed diverged",

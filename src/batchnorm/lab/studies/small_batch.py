@@ -270,7 +270,7 @@ def findings(results: dict[str, Any]) -> list[str]:
         if bn_drop > worst + noise:
             lines.append(
                 f"As in Wu & He (2018), BN degrades at small batches while the batch-independent norms hold up: BN "
-                f"loses {bn_drop * 100:.1f} points, GroupNorm/LayerNorm at most {worst * 100:.1f} (ResNet-50 on "
+                f"loses {bn_drop * 100:.1f} points, GroupNorm/LayerNorm {worst * 100:+.1f} at worst (ResNet-50 on "
                 "ImageNet: BN's error 23.6% at 32 images per GPU, 34.7% at 2; GroupNorm 24.1% at both)."
             )
         else:
@@ -339,7 +339,8 @@ def _figures(out: Path, results: dict[str, Any]) -> list[tuple[str, str]]:
         (
             captions[0],
             f"Test accuracy against batch size after {epochs} epoch(s) (equal examples seen), of each run's checkpoint "
-            "chosen on validation: mean over seeds, std error bars, min-max band.",
+            "chosen on validation: mean over seeds, std error bars, min-max band. Ghost BN coincides with BN up to its "
+            "virtual batch size (one virtual batch).",
         ),
         (captions[1], "The validation accuracy the selection saw (same runs, same checkpoints)."),
     ]
