@@ -9,6 +9,7 @@ import sys
 from batchnorm.cli.argtypes import positive_int
 from batchnorm.cli.options import add_data_arguments, add_model_arguments, requested_model
 from batchnorm.lab.explain import explain, explain_unit, format_table, format_unit, prepare
+from batchnorm.lab.explain_html import check_output_file, write_explain_page
 from batchnorm.lab.training import TrainConfig
 
 __all__ = ["configure_parser", "run"]
@@ -30,7 +31,18 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument("--layer", default=None, help="a BN layer name (e.g. bn2) for the step-by-step view")
     parser.add_argument("--unit", type=int, default=None, help="the feature index within --layer")
-    parser.add_argument("--eval", action="store_true", help="run in eval mode (normalize with running statistics)")
+    parser.add_argument(
+        "--eval",
+        action="store_true",
+        help="run in eval mode: the layers normalize with their running statistics (the step view walks those)",
+    )
+    parser.add_argument(
+        "--html",
+        default=None,
+        metavar="FILE",
+        help="also write a static page drawing each BN layer's input, the reduced axes and the train vs eval "
+        "statistics (inline SVG, no external assets; an existing file is overwritten)",
+    )
 
 
 def _config(args: argparse.Namespace) -> TrainConfig:
@@ -55,6 +67,7 @@ def _config(args: argparse.Namespace) -> TrainConfig:
 
 
 def run(args: argparse.Namespace) -> int:
+    html_path = check_output_file(args.html) if args.html is not None else None
     model, batch, raw, pixel_stats = prepare(
         _config(args),
         checkpoint=args.checkpoint,
@@ -69,11 +82,26 @@ def run(args: argparse.Namespace) -> int:
             model, batch, args.layer, args.unit, pixel_stats, raw, mode="eval" if args.eval else "train"
         )
         print(json.dumps(result) if args.json else format_unit(result))
-        return 0
+        if html_path is None:
+            return 0
     try:
         records = explain(model, batch, mode="eval" if args.eval else "train")
     except RuntimeError as error:
         raise ValueError(f"the model cannot run on this data: {str(error).splitlines()[0]}") from None
+    if html_path is not None:
+        mode = "eval" if args.eval else "train"
+        source = f"checkpoint {args.checkpoint}" if args.checkpoint else f"model {_config(args).model}"
+        write_explain_page(
+            html_path,
+            records,
+            title="batchnorm explain",
+            context=f"{source}, a batch of shape {tuple(batch.shape)}, explained in {mode} mode.",
+            highlight={args.layer: args.unit} if args.layer is not None else None,
+        )
+        if not args.json:
+            print(f"wrote {html_path}: each BN layer's input drawn, with its train and eval statistics")
+        if args.layer is not None:
+            return 0
     if args.json:
         json.dump(records, sys.stdout)
         sys.stdout.write("\n")

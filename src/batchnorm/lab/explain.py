@@ -35,7 +35,15 @@ from batchnorm.nn.batchnorm import BatchNorm, is_batch_norm
 if TYPE_CHECKING:
     from batchnorm.lab.training import TrainConfig
 
-__all__ = ["explain", "explain_unit", "format_table", "format_unit", "prepare"]
+__all__ = [
+    "axis_letters",
+    "explain",
+    "explain_unit",
+    "format_table",
+    "format_unit",
+    "prepare",
+    "reduced_axes_text",
+]
 
 
 def _feature_axis(module: nn.Module, ndim: int) -> int:
@@ -144,21 +152,33 @@ def explain(model: nn.Module, example_input: Tensor, *, mode: str = "train") -> 
     return records
 
 
-def _axes_names(record: dict[str, Any]) -> str:
+def axis_letters(record: dict[str, Any]) -> list[str]:
+    """One letter per axis of an explain record's input: ``N, D`` / ``N, L, C`` / ``N, C, L`` / ``N, C, H, W`` / ...
+
+    The same names the ``explain`` table, the report and the pictures use.
+    """
     shape = record["input_shape"]
     if len(shape) == 2:
-        letters = ["N", "D"]
-    elif len(shape) == 3 and record["feature_axis"] == 2:
-        letters = ["N", "L", "C"]
-    elif len(shape) == 3:
-        letters = ["N", "C", "L"]
-    elif len(shape) == 4:
-        letters = ["N", "C", "H", "W"]
-    elif len(shape) == 5:
-        letters = ["N", "C", "D", "H", "W"]
-    else:
-        letters = [f"d{i}" for i in range(len(shape))]
+        return ["N", "D"]
+    if len(shape) == 3 and record["feature_axis"] == 2:
+        return ["N", "L", "C"]
+    if len(shape) == 3:
+        return ["N", "C", "L"]
+    if len(shape) == 4:
+        return ["N", "C", "H", "W"]
+    if len(shape) == 5:
+        return ["N", "C", "D", "H", "W"]
+    return [f"d{i}" for i in range(len(shape))]
+
+
+def reduced_axes_text(record: dict[str, Any]) -> str:
+    """The reduced axes as the ``explain`` table writes them, e.g. ``N,H,W``."""
+    letters = axis_letters(record)
     return ",".join(letters[axis] for axis in record["reduced_axes"])
+
+
+def _axes_names(record: dict[str, Any]) -> str:
+    return reduced_axes_text(record)
 
 
 def _summary(values: list[float] | None) -> str:

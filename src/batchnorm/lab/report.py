@@ -149,6 +149,16 @@ def _explain_rows(records: list[dict[str, Any]]) -> list[list[str]]:
     return rows
 
 
+def _explain_pictures(results: dict[str, Any]) -> str:
+    """Each BN layer's input drawn (inline SVG, :mod:`batchnorm.lab.explain_html`); empty without explain records."""
+    from batchnorm.lab.explain_html import explain_section
+
+    try:
+        return explain_section(results["explain"], heading="h3") if results.get("explain") else ""
+    except (KeyError, TypeError, ValueError, IndexError):  # records of an older results.json: the table stays
+        return ""
+
+
 def format_summary(results: dict[str, Any]) -> str:
     """The final comparison table printed by ``compare``."""
     summary = results["summary"]
@@ -267,6 +277,7 @@ momentum {html.escape(str(config.get("momentum", "")))}, {html.escape(str(config
 <p>Each BN layer has one mean, one variance, one gamma and one beta per feature of its <em>own</em> input;
 a statistic pools every value of its feature over the reduced axes.</p>
 {explain_html}
+{_explain_pictures(results)}
 <h2>Figures</h2>
 {"".join(sections)}
 {"".join(extra_sections or [])}
