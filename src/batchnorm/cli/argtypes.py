@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import math
 import os
 import tempfile
 from collections.abc import Callable
@@ -22,6 +21,7 @@ __all__ = [
     "MAX_THREADS",
     "UsageError",
     "argument_type",
+    "at_most",
     "check_model_size",
     "check_output_dir",
     "check_output_file",
@@ -38,6 +38,7 @@ __all__ = [
     "positive_float",
     "positive_int",
     "seed",
+    "seed_count",
     "threads",
     "weight_decay",
 ]
@@ -46,6 +47,8 @@ __all__ = [
 MAX_RATE = 1e6  # --lr, --weight-decay: far beyond any useful value, far below float32's overflow (3.4e38)
 MAX_SEED = 2**31 - 1  # --seed: leaves room for seed + K (compare --seeds K) within numpy's and torch's seeds
 MAX_THREADS = 1024  # --threads
+MAX_SEEDS = 1000  # --seeds K of compare and experiment
+MAX_RENORM_LIMIT = 1e6  # --rmax, --dmax (1e300 overflows float32 in torch)
 MAX_PARAMETERS = 10**9  # --model: parameters of the network (about 16 GB to train in float32 with SGD momentum)
 IMAGE_SIDE = 28  # the largest built-in images (MNIST): the activation estimate of a cnn spec
 
@@ -157,6 +160,27 @@ def _integer_between(text: str, low: int, high: int) -> int:
         value = None
     if value is None or not low <= value <= high:
         raise argparse.ArgumentTypeError(f"expected an integer from {low} to {high}, got {text!r}")
+    return value
+
+
+def at_most(convert: Callable[[str], float], high: float) -> Callable[[str], float]:
+    """argparse type: ``convert``, then refuse a value above ``high`` (``convert``'s own checks and messages first)."""
+
+    def parse(text: str) -> float:
+        value = convert(text)
+        if value > high:
+            raise argparse.ArgumentTypeError(f"expected a number <= {high:g}, got {text!r}")
+        return value
+
+    parse.__name__ = getattr(convert, "__name__", "value")
+    return parse
+
+
+def seed_count(text: str) -> int:
+    """argparse type: how many seeds, 1 to :data:`MAX_SEEDS`."""
+    value = positive_int(text)
+    if value > MAX_SEEDS:
+        raise argparse.ArgumentTypeError(f"expected a positive integer <= {MAX_SEEDS}, got {text!r}")
     return value
 
 

@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from batchnorm.cli.argtypes import output_dir, positive_int
+from batchnorm.cli.argtypes import output_dir, seed_count
 from batchnorm.cli.options import (
     add_data_arguments,
     add_model_arguments,
@@ -40,10 +40,10 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     add_validation_argument(parser, defaults)
     parser.add_argument(
         "--seeds",
-        type=positive_int,
+        type=seed_count,
         default=1,
-        help="seeds per arm (seed, seed+1, ...: init and batch order); K > 1 reports mean, sample std and min-max "
-        "in the table, results.json and the accuracy figure (default %(default)s)",
+        help="seeds per arm, 1 to 1000 (seed, seed+1, ...: init and batch order); K > 1 reports mean, sample std "
+        "and min-max in the table, results.json and the accuracy figure (default %(default)s)",
     )
     parser.set_defaults(init=defaults.init, input_norm=defaults.input_norm, lr=defaults.lr, momentum=defaults.momentum)
     parser.add_argument(

@@ -15,6 +15,7 @@ from batchnorm.cli.argtypes import (
     output_dir,
     positive_int,
     seed,
+    seed_count,
 )
 from batchnorm.lab.data import DATASETS
 from batchnorm.lab.models import NORMS
@@ -65,7 +66,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("name", choices=list(EXPERIMENTS), metavar="NAME", help=", ".join(EXPERIMENTS))
     parser.add_argument(
         "--seeds",
-        type=positive_int,
+        type=seed_count,
         default=None,
         help=f"seeds per configuration (defaults: lr-sweep {lr.seeds}, small-batch {sb.seeds}, eval-stats {es.seeds})",
     )

@@ -10,6 +10,8 @@ import argparse
 import dataclasses
 
 from batchnorm.cli.argtypes import (
+    MAX_RENORM_LIMIT,
+    at_most,
     check_model_size,
     fraction,
     learning_rate,
@@ -72,15 +74,15 @@ def add_model_arguments(parser: argparse.ArgumentParser, defaults: TrainConfig) 
     )
     variants.add_argument(
         "--rmax",
-        type=positive_float,
+        type=at_most(positive_float, MAX_RENORM_LIMIT),
         default=defaults.rmax,
-        help="--norm renorm: r clipped to [1/rmax, rmax], >= 1 (default %(default)s)",
+        help="--norm renorm: r clipped to [1/rmax, rmax], >= 1 and <= 1e6 (default %(default)s)",
     )
     variants.add_argument(
         "--dmax",
-        type=non_negative_float,
+        type=at_most(non_negative_float, MAX_RENORM_LIMIT),
         default=defaults.dmax,
-        help="--norm renorm: d clipped to [-dmax, dmax] (default %(default)s)",
+        help="--norm renorm: d clipped to [-dmax, dmax], 0 to 1e6 (default %(default)s)",
     )
     variants.add_argument(
         "--renorm-warmup",
