@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from batchnorm.cli.argtypes import positive_int
 from batchnorm.cli.options import add_data_arguments, add_model_arguments, requested_model
@@ -66,7 +67,14 @@ def _config(args: argparse.Namespace) -> TrainConfig:
     )
 
 
+def _say_written(path: Path, quiet: bool) -> None:
+    """One line naming the page (not with --json, whose output stays pure JSON)."""
+    if not quiet:
+        print(f"wrote {path}: each BN layer's input drawn, with its training and eval statistics side by side")
+
+
 def run(args: argparse.Namespace) -> int:
+    """Print the explain table (or JSON, or the step view of --layer/--unit); with --html also write the page."""
     html_path = check_output_file(args.html) if args.html is not None else None
     model, batch, raw, pixel_stats = prepare(
         _config(args),
@@ -98,9 +106,8 @@ def run(args: argparse.Namespace) -> int:
             context=f"{source}, a batch of shape {tuple(batch.shape)}, explained in {mode} mode.",
             highlight={args.layer: args.unit} if args.layer is not None else None,
         )
-        if not args.json:
-            print(f"wrote {html_path}: each BN layer's input drawn, with its train and eval statistics")
         if args.layer is not None:
+            _say_written(html_path, args.json)
             return 0
     if args.json:
         json.dump(records, sys.stdout)
@@ -132,4 +139,6 @@ def run(args: argparse.Namespace) -> int:
                     f"most {record['values_per_statistic'] * size // batch_size} values; the table shows the whole "
                     "batch's."
                 )
+    if html_path is not None:
+        _say_written(html_path, args.json)
     return 0
