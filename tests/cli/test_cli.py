@@ -183,12 +183,15 @@ def test_bad_input_is_one_line_on_stderr_with_exit_code_2(
     assert err.startswith("batchnorm")
 
 
-def test_bad_threads_environment_variable(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
-    monkeypatch.setenv("BATCHNORM_THREADS", "many")
+@pytest.mark.parametrize("value", ["many", "0", "100000000000"])
+def test_bad_threads_environment_variable(
+    value: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("BATCHNORM_THREADS", value)
     code, _, err = run_cli(["explain", "--data", "synthetic", "--model", "mlp:64-8-10", "--json"], capsys)
     assert code == 2
     assert len(err.strip().splitlines()) == 1, err
-    assert "BATCHNORM_THREADS must be a positive integer, got 'many'" in err
+    assert f"BATCHNORM_THREADS must be an integer from 1 to 1024, got '{value}'" in err
 
 
 def test_bad_resume_leaves_the_checkpoint_untouched(

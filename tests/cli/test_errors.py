@@ -55,6 +55,7 @@ CASES: list[tuple[str, list[str], str]] = [
     ("train-seed-huge", ["train", "--seed", "9" * 30], "argument --seed: expected an integer from 0 to 2147483647"),
     ("train-threads-0", ["train", "--threads", "0"], "argument --threads"),
     ("train-threads-text", ["train", "--threads", "all"], "argument --threads"),
+    ("train-threads-overflow", ["train", "--threads", "100000000000"], "argument --threads"),
     # ---- train: model, normalization variants, validation split
     (
         "train-model-too-many-parameters",
@@ -97,6 +98,7 @@ CASES: list[tuple[str, list[str], str]] = [
         "unit 99 is out of range",
     ),
     ("explain-rmax-1e300", ["explain", "--rmax", "1e300"], "argument --rmax"),
+    ("explain-seed-negative", ["explain", "--seed", "-1"], "argument --seed"),
     # ---- tune
     ("tune-out-under-a-file", ["tune", "--grid", "lr=0.1", "--out", "{file}/x"], "{file} is a file, not a folder"),
     ("tune-out-is-a-file", ["tune", "--grid", "lr=0.1", "--out", "{file}"], "{file} is a file, not a folder"),

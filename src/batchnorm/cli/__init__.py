@@ -16,7 +16,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from batchnorm.cli.argtypes import UsageError, positive_int
+from batchnorm.cli.argtypes import MAX_THREADS, UsageError, threads
 
 __all__ = ["VERBS", "UsageError", "build_parser", "main"]
 
@@ -43,12 +43,12 @@ THREADS_HELP = (
 def _default_threads() -> int:
     value = os.environ.get("BATCHNORM_THREADS", "1")
     try:
-        threads = int(value)
+        count = int(value)
     except ValueError:
-        raise UsageError(f"BATCHNORM_THREADS must be a positive integer, got {value!r}") from None
-    if threads < 1:
-        raise UsageError(f"BATCHNORM_THREADS must be a positive integer, got {value!r}")
-    return threads
+        raise UsageError(f"BATCHNORM_THREADS must be an integer from 1 to {MAX_THREADS}, got {value!r}") from None
+    if not 1 <= count <= MAX_THREADS:
+        raise UsageError(f"BATCHNORM_THREADS must be an integer from 1 to {MAX_THREADS}, got {value!r}")
+    return count
 
 
 class _Parser(argparse.ArgumentParser):
@@ -74,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="verb", metavar="VERB", parser_class=_Parser)
     for verb, (module_name, help_text) in VERBS.items():
         sub = subparsers.add_parser(verb, help=help_text, description=help_text[0].upper() + help_text[1:] + ".")
-        sub.add_argument("--threads", type=positive_int, default=None, help=THREADS_HELP)
+        sub.add_argument("--threads", type=threads, default=None, help=THREADS_HELP)
         module = importlib.import_module(module_name)
         module.configure_parser(sub)
     return parser

@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from batchnorm.cli.argtypes import positive_int
+from batchnorm.cli.argtypes import positive_int, seed
 from batchnorm.cli.options import add_data_arguments, add_model_arguments, requested_model
 from batchnorm.lab.explain import explain, explain_unit, format_table, format_unit, prepare
 from batchnorm.lab.explain_html import check_output_file, write_explain_page
@@ -28,7 +28,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     add_data_arguments(parser, defaults)
     parser.add_argument("--checkpoint", default=None, metavar="CKPT", help="explain a trained model from `train`")
     parser.add_argument("--batch-size", type=positive_int, default=60, help="examples in the batch (default 60)")
-    parser.add_argument("--seed", type=int, default=0, help="seed for the init and the batch")
+    parser.add_argument("--seed", type=seed, default=0, help="seed for the init and the batch")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument("--layer", default=None, help="a BN layer name (e.g. bn2) for the step-by-step view")
     parser.add_argument("--unit", type=int, default=None, help="the feature index within --layer")
