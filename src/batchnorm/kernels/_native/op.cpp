@@ -160,6 +160,22 @@ std::tuple<Tensor, Tensor, Tensor> composite_backward(const Tensor &dy, const Te
 
 bool plain_tensor(const Tensor &t);
 
+// The weight and bias gradients a node returns: undefined where not needed, else in the parameter's dtype.
+void parameter_gradients(AutogradContext *ctx, const Tensor &weight, bool need_weight, bool need_bias, Tensor &dweight,
+                         Tensor &dbias) {
+    if (!need_weight || !dweight.defined()) {
+        dweight = Tensor();
+    } else if (dweight.scalar_type() != weight.scalar_type()) {
+        dweight = dweight.to(weight.scalar_type());
+    }
+    if (!need_bias || !dbias.defined()) {
+        dbias = Tensor();
+    } else {
+        auto dtype = static_cast<at::ScalarType>(ctx->saved_data["bias_dtype"].toInt());
+        if (dbias.scalar_type() != dtype) dbias = dbias.to(dtype);
+    }
+}
+
 // The buffers a training call updates: not inputs of the autograd function (no gradient flows to them).
 struct Buffers {
     Tensor running_mean, running_var, counter;
@@ -206,17 +222,7 @@ struct Train : public torch::autograd::Function<Train> {
                 std::tie(dx, dweight, dbias) = run_backward(dy, x, s, stats, weight, need_input);
             }
         }
-        if (!need_weight || !dweight.defined()) {
-            dweight = Tensor();
-        } else if (dweight.scalar_type() != weight.scalar_type()) {
-            dweight = dweight.to(weight.scalar_type());
-        }
-        if (!need_bias || !dbias.defined()) {
-            dbias = Tensor();
-        } else {
-            auto dtype = static_cast<at::ScalarType>(ctx->saved_data["bias_dtype"].toInt());
-            if (dbias.scalar_type() != dtype) dbias = dbias.to(dtype);
-        }
+        parameter_gradients(ctx, weight, need_weight, need_bias, dweight, dbias);
         return {need_input ? dx : Tensor(), dweight, dbias, Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
     }
 };
@@ -307,17 +313,7 @@ struct Eval : public torch::autograd::Function<Eval> {
                 }
             }
         }
-        if (!need_weight || !dweight.defined()) {
-            dweight = Tensor();
-        } else if (dweight.scalar_type() != weight.scalar_type()) {
-            dweight = dweight.to(weight.scalar_type());
-        }
-        if (!need_bias || !dbias.defined()) {
-            dbias = Tensor();
-        } else {
-            auto dtype = static_cast<at::ScalarType>(ctx->saved_data["bias_dtype"].toInt());
-            if (dbias.scalar_type() != dtype) dbias = dbias.to(dtype);
-        }
+        parameter_gradients(ctx, weight, need_weight, need_bias, dweight, dbias);
         return {need_input ? dx : Tensor(), dweight, dbias, Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
     }
 };
