@@ -92,6 +92,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         parser = build_parser()
         args = parser.parse_args(argv)
+        # The command as typed (for "resume with: ..." after Ctrl-C).
+        args.command_line = list(argv) if argv is not None else sys.argv[1:]
         if args.verb is None:
             parser.print_help()
             return 2
@@ -111,8 +113,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         # The reader (e.g. `| head`) went away: not an error of ours.
         sys.stderr.close()
         return 0
-    except KeyboardInterrupt:
-        sys.stderr.write("batchnorm: interrupted\n")
+    except KeyboardInterrupt as interrupt:
+        # Verbs that can say where the work is and how to resume raise KeyboardInterrupt with that message.
+        sys.stderr.write(f"batchnorm: {interrupt}\n" if str(interrupt) else "batchnorm: interrupted\n")
         return 130
     finally:
         torch.set_num_threads(threads_before)

@@ -26,16 +26,36 @@ Files written into ``--out``:
   ``torch.load(..., weights_only=True)``.
 
 ``--resume CKPT`` continues exactly where the checkpoint stopped: the same
-batches in the same order, the same optimizer state, so a run killed at any
-moment and resumed ends with bit-identical weights to an uninterrupted run.
+batches in the same order, the same optimizer state, the same partial
+training-loss sum, evaluation history and callback state (see
+:class:`StepCallback`), so a run killed at any moment and resumed ends with
+bit-identical weights and metrics to an uninterrupted run. Stale temporary
+files of a save cut short by a kill are removed when a run starts.
+
+Changed settings on resume (``overrides``): the optimizer's learning rate,
+momentum and weight decay, the evaluation and checkpoint intervals and the
+guard are applied from the next step on, each announced in one line
+(:func:`resume_changes`: ``resuming with lr 0.1 (checkpoint had 0.5)``).
+Everything that defines the data, the batches or the network (model, data,
+seed, batch size, init, input normalization, validation split, norm
+parameters) is refused with a :class:`CheckpointError`: a resumed run keeps
+them. A checkpoint already at (or past) ``steps`` trains nothing: the result
+has ``nothing_to_do`` set and the history stored in the checkpoint.
+
+Ctrl-C (SIGINT) during the training loop finishes the current step, saves a
+checkpoint of that state (atomically) and raises :class:`TrainingInterrupted`
+(a ``KeyboardInterrupt``) naming the step and the checkpoint; a second Ctrl-C
+stops at once, keeping the previous checkpoint.
 A checkpoint written before the validation split existed (its config has no
 ``val_fraction``) resumes with ``val_fraction=0``: it keeps training on the
 whole training split it started on, and reports no validation metrics.
 
 The divergence guard stops a run whose loss is not finite, whose smoothed
 loss rises far above its best, or whose weight norm leaves its recent history
-by a large factor. The last good checkpoint is kept and the command exits
-with code 3.
+by a large factor. The last good checkpoint is kept, ``metrics.jsonl`` keeps
+every evaluation made before and gains one last line with the step, the mean
+training loss since the last evaluation and the reason (``"diverged"``), and
+the command exits with code 3.
 
 Threads: one by default (see ``--threads``). On these small networks a
 second thread gains little, and under contention from another process
@@ -48,12 +68,14 @@ import dataclasses
 import json
 import math
 import os
+import signal
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import FrameType
 from typing import Any, Protocol
 
 import torch
@@ -89,13 +111,16 @@ __all__ = [
     "CheckpointError",
     "DivergenceError",
     "DivergenceGuard",
+    "RESUME_CHANGEABLE",
     "TrainConfig",
     "TrainResult",
+    "TrainingInterrupted",
     "check_same_model",
     "config_from_checkpoint",
     "evaluate",
     "load_checkpoint",
     "model_from_checkpoint",
+    "resume_changes",
     "train",
 ]
 
@@ -111,6 +136,32 @@ class DivergenceError(RuntimeError):
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be read, or that belongs to another model."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped training; says at which step and where the last checkpoint is.
+
+    Attributes:
+        step: the last step completed.
+        checkpoint: the checkpoint file (None when the run writes none).
+        checkpoint_step: the step that checkpoint holds (None without one).
+        run: the run's description (``train``, ``bn``, ``final``, ...).
+    """
+
+    def __init__(self, step: int, checkpoint: Path | None, checkpoint_step: int | None, run: str = "train") -> None:
+        super().__init__(step, checkpoint, checkpoint_step, run)
+        self.step = step
+        self.checkpoint = checkpoint
+        self.checkpoint_step = checkpoint_step
+        self.run = run
+
+    def __str__(self) -> str:
+        where = (
+            f"last checkpoint {self.checkpoint} (step {self.checkpoint_step})"
+            if self.checkpoint is not None
+            else "this run writes no checkpoint"
+        )
+        return f"interrupted at step {self.step}; {where}"
 
 
 @dataclass
@@ -209,7 +260,13 @@ class TrainConfig:
 
 
 class StepCallback(Protocol):
-    """Optional hooks into the training loop (used by the experiments to record statistics)."""
+    """Optional hooks into the training loop (used by the experiments to record statistics).
+
+    A callback that also has ``state_dict()`` (plain lists, dicts and
+    numbers) and ``load_state_dict(state)`` has its state saved in every
+    checkpoint and restored on resume, so that what it records is the same as
+    in an uninterrupted run.
+    """
 
     def before_step(self, step: int, model: nn.Module) -> None: ...
 
@@ -231,9 +288,11 @@ class TrainResult:
     val_loss: list[float] = field(default_factory=list)
     test_steps: list[int] = field(default_factory=list)
     final_step: int = 0
-    seconds: float = 0.0
+    seconds: float = 0.0  # training time of the whole run, summed over resumed sessions
     checkpoint: Path | None = None
     model: nn.Module | None = None
+    nothing_to_do: bool = False
+    resumed_from: int | None = None
 
     @property
     def final_accuracy(self) -> float:
@@ -429,19 +488,119 @@ def check_same_model(requested: dict[str, str], stored: TrainConfig, path: str |
         raise CheckpointError(f"checkpoint {path} is of another model: {', '.join(differences)}")
 
 
+# Settings a resumed run may change (applied from the next step on); every other difference is refused.
+RESUME_CHANGEABLE = ("lr", "momentum", "weight_decay", "eval_every", "checkpoint_every", "guard")
+HISTORY_KEYS = ("steps", "train_loss", "val_loss", "val_accuracy", "test_steps", "test_accuracy", "test_loss")
+
+
+def _option(field_name: str) -> str:
+    return "--" + field_name.replace("_", "-")
+
+
+def _shown(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def resume_changes(stored: TrainConfig, overrides: Mapping[str, Any]) -> tuple[TrainConfig, list[str]]:
+    """The checkpoint's config with ``overrides`` applied, and one line per changed setting.
+
+    ``overrides`` maps :class:`TrainConfig` fields to the values the caller
+    asked for explicitly (``steps`` is ignored here: it is always the new
+    total). Fields in :data:`RESUME_CHANGEABLE` are applied and announced
+    (``resuming with lr 0.1 (checkpoint had 0.5)``); any other field that
+    differs from the checkpoint's is refused.
+
+    Raises:
+        CheckpointError: a field outside :data:`RESUME_CHANGEABLE` differs, or an unknown field.
+    """
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    changes: dict[str, Any] = {}
+    notes: list[str] = []
+    for name, value in overrides.items():
+        if name == "steps":
+            continue
+        if name not in known:
+            raise CheckpointError(f"unknown setting {name!r}")
+        before = getattr(stored, name)
+        if name == "model":
+            same = str(parse_spec(value)) == str(parse_spec(before))
+        else:
+            same = value == before
+        if same:
+            continue
+        if name not in RESUME_CHANGEABLE:
+            raise CheckpointError(
+                f"{_option(name)} {_shown(value)} differs from the checkpoint's {_shown(before)}: a resumed run keeps "
+                "its data, batches and network; leave the option out to resume, or start a new run in another --out"
+            )
+        changes[name] = value
+        if name == "guard":
+            notes.append(
+                f"resuming with the divergence guard {'on' if value else 'off'} (checkpoint had it "
+                f"{'on' if before else 'off'})"
+            )
+        else:
+            notes.append(f"resuming with {name.replace('_', ' ')} {_shown(value)} (checkpoint had {_shown(before)})")
+    return dataclasses.replace(stored, **changes), notes
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    temporary = path.with_name(f".{path.name}.part")
+    temporary.write_text(text)
+    temporary.replace(path)
+
+
 def _prepare_metrics(path: Path, resume_step: int | None) -> None:
-    """Start ``metrics.jsonl`` afresh, or on resume keep only lines up to the checkpoint's step."""
+    """Start ``metrics.jsonl`` afresh, or on resume keep only lines up to the checkpoint's step (atomically)."""
     if resume_step is None or not path.exists():
-        path.write_text("")
+        _write_atomically(path, "")
         return
     kept = []
     for line in path.read_text().splitlines():
         try:
-            if json.loads(line)["step"] <= resume_step:
+            entry = json.loads(line)
+            if entry["step"] <= resume_step and "diverged" not in entry:
                 kept.append(line)
         except (ValueError, KeyError, TypeError):
-            continue
-    path.write_text("".join(line + "\n" for line in kept))
+            continue  # a line cut short by a kill
+    _write_atomically(path, "".join(line + "\n" for line in kept))
+
+
+def _remove_stale_temporaries(out: Path) -> None:
+    """Delete temporary files left by a save that a kill cut short (the real files are never partial)."""
+    for pattern in (".checkpoint.pt.*", ".metrics.jsonl.part"):
+        for stale in out.glob(pattern):
+            stale.unlink(missing_ok=True)
+
+
+class _DeferredInterrupt:
+    """SIGINT sets a flag that the loop checks after each step; a second SIGINT raises at once.
+
+    Only in the main thread (where Python delivers signals); elsewhere the
+    default ``KeyboardInterrupt`` behaviour stays.
+    """
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: Any = None
+        self._installed = False
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __enter__(self) -> _DeferredInterrupt:
+        try:
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+            self._installed = True
+        except ValueError:  # not the main thread
+            self._installed = False
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._installed:
+            signal.signal(signal.SIGINT, self._previous)
 
 
 def train(
@@ -456,6 +615,7 @@ def train(
     description: str = "train",
     model_override: Callable[[nn.Module], nn.Module] | None = None,
     test_eval: str = "every",
+    overrides: Mapping[str, Any] | None = None,
 ) -> TrainResult:
     """Run (or resume) one training run; see the module docstring.
 
@@ -464,7 +624,7 @@ def train(
         out_dir: folder for ``metrics.jsonl`` and ``checkpoint.pt``; None
             writes nothing (used by experiments that keep results in memory).
         resume: a checkpoint to continue from; its config is used, except
-            ``steps`` (the new total).
+            ``steps`` (the new total) and ``overrides``.
         requested_model: architecture fields the caller asked for
             explicitly (``model``, ``act``, ``norm``, ``placement``); a resumed
             checkpoint must match them.
@@ -477,10 +637,14 @@ def train(
             implementations) before training.
         test_eval: when the test split is evaluated: ``"every"``
             evaluation, only the ``"final"`` one, or ``"never"``.
+        overrides: on resume, settings the caller asked for explicitly
+            (:func:`resume_changes`: optimizer and interval settings are
+            applied, others must equal the checkpoint's).
 
     Raises:
         ValueError: invalid settings or data; :class:`CheckpointError`.
         DivergenceError: the guard tripped (last good checkpoint kept).
+        TrainingInterrupted: Ctrl-C; the state after the last finished step was checkpointed.
     """
     from tqdm import tqdm
 
@@ -491,7 +655,7 @@ def train(
         payload = load_checkpoint(resume)
         stored = config_from_checkpoint(payload)
         check_same_model(requested_model or {}, stored, resume)
-        config = dataclasses.replace(stored, steps=config.steps)
+        config, _ = resume_changes(dataclasses.replace(stored, steps=config.steps), overrides or {})
     config.validate()
     data = dataset if dataset is not None else load_dataset(config.data, config.data_dir, seed=config.seed)
     data = split_validation(data, config.val_fraction)
@@ -525,13 +689,28 @@ def train(
     sampler = BatchSampler(len(data.train_images), config.batch_size, config.seed)
     guard = DivergenceGuard(config.guard_loss_factor, config.guard_norm_factor)
     start_step = 0
+    running_loss, running_count = 0.0, 0
+    previous_seconds = 0.0
+    result = TrainResult(config=config, model=model)
     if payload is not None:
         normalizer = InputNormalizer.from_state_dict(payload["normalizer"])
         model.load_state_dict(payload["model"])
         optimizer.load_state_dict(payload["optimizer"])
+        for group in optimizer.param_groups:  # the settings of this config (changed ones applied)
+            group.update(lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
         sampler.load_state_dict(payload["sampler"])
         guard.load_state_dict(payload["guard"])
         start_step = int(payload["step"])
+        result.resumed_from = start_step
+        # Older checkpoints lack these: the training loss of the first evaluation then covers fewer steps.
+        running_loss, running_count = payload.get("running", (0.0, 0))
+        previous_seconds = float(payload.get("seconds", 0.0))
+        for key, values in (payload.get("history") or {}).items():
+            if key in HISTORY_KEYS:
+                getattr(result, key).extend(values)
+        for callback, state in zip(callbacks, payload.get("callbacks") or []):
+            if state is not None and hasattr(callback, "load_state_dict"):
+                callback.load_state_dict(state)
     else:
         normalizer = InputNormalizer.fit(config.input_norm, data.train_images)
     train_images, test_images = normalizer(data.train_images), normalizer(data.test_images)
@@ -545,8 +724,11 @@ def train(
     metrics_path = out / "metrics.jsonl" if out is not None else None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
+        _remove_stale_temporaries(out)
         assert metrics_path is not None
         _prepare_metrics(metrics_path, start_step if payload is not None else None)
+    result.checkpoint = checkpoint_path
+    started = time.perf_counter()
 
     def save(step: int) -> None:
         if checkpoint_path is None:
@@ -563,15 +745,26 @@ def train(
             "guard": guard.state_dict(),
             "normalizer": normalizer.state_dict(),
             "last_eval": last_eval,
+            "running": [running_loss, running_count],
+            "seconds": previous_seconds + time.perf_counter() - started,
+            "history": {key: list(getattr(result, key)) for key in HISTORY_KEYS},
+            "callbacks": [callback.state_dict() if hasattr(callback, "state_dict") else None for callback in callbacks],
         }
         _atomic_save(state, checkpoint_path)
 
-    result = TrainResult(config=config, checkpoint=checkpoint_path, model=model)
     if payload is None:
         save(0)
+    elif start_step >= config.steps:
+        # A finished run (or one past the requested --steps): nothing to train.
+        result.nothing_to_do = True
+        result.final_step = start_step
+        if not result.steps and last_eval:  # a checkpoint from before the history was stored
+            for key, target in (("val_accuracy", result.val_accuracy), ("test_accuracy", result.test_accuracy)):
+                if last_eval.get(key) is not None:
+                    target.append(last_eval[key])
+        result.seconds = previous_seconds
+        return result
     model.train()
-    running_loss, running_count = 0.0, 0
-    started = time.perf_counter()
     bar = tqdm(
         total=config.steps,
         initial=start_step,
@@ -583,7 +776,16 @@ def train(
         mininterval=0.5,
     )
     last_good = start_step
+    step = start_step
+    interrupt = _DeferredInterrupt()
+
+    def write_metrics(line: dict[str, Any]) -> None:
+        if metrics_path is not None:
+            with metrics_path.open("a") as stream:
+                stream.write(json.dumps(line) + "\n")
+
     try:
+        interrupt.__enter__()
         for step in range(start_step + 1, config.steps + 1):
             indices = sampler.next()
             for callback in callbacks:
@@ -626,19 +828,42 @@ def train(
                 result.steps.append(step)
                 result.train_loss.append(metrics["train_loss"])
                 bar.set_postfix(shown)
-                if metrics_path is not None:
-                    with metrics_path.open("a") as stream:
-                        stream.write(json.dumps(metrics) + "\n")
+                write_metrics(metrics)
                 for callback in callbacks:
                     callback.on_eval(step, model, metrics)
             if step % config.checkpoint_every == 0 or step == config.steps:
                 save(step)
                 last_good = step
+            if interrupt.requested:
+                if last_good != step:
+                    save(step)
+                    last_good = step
+                raise TrainingInterrupted(
+                    step, checkpoint_path, last_good if checkpoint_path is not None else None, description
+                )
     except DivergenceError as error:
         where = f"; last good checkpoint: {checkpoint_path} (step {last_good})" if checkpoint_path else ""
-        raise DivergenceError(f"{error}{where}") from None
+        message = f"{error}{where}"
+        write_metrics(
+            {
+                "step": step,
+                "train_loss": running_loss / running_count if running_count else None,
+                "diverged": message,
+            }
+        )
+        raise DivergenceError(message) from None
+    except TrainingInterrupted:
+        raise
+    except KeyboardInterrupt:  # a second Ctrl-C, mid-step: the previous checkpoint stays
+        raise TrainingInterrupted(
+            step - 1 if step > start_step else start_step,
+            checkpoint_path,
+            last_good if checkpoint_path is not None else None,
+            description,
+        ) from None
     finally:
+        interrupt.__exit__()
         bar.close()
     result.final_step = config.steps
-    result.seconds = time.perf_counter() - started
+    result.seconds = previous_seconds + time.perf_counter() - started
     return result
