@@ -15,6 +15,7 @@ from batchnorm.cli.options import (
     requested_model,
 )
 from batchnorm.lab.data import load_dataset
+from batchnorm.lab.report import write_train_report
 from batchnorm.lab.training import (
     EXIT_DIVERGED,
     DivergenceError,
@@ -77,4 +78,5 @@ def run(args: argparse.Namespace) -> int:
     print(
         f"done: {result.final_step} steps in {result.seconds:.1f} s, {validation}{test}; checkpoint {result.checkpoint}"
     )
+    print(f"report {write_train_report(args.out)} (loss and accuracy in train.png)")
     return 0

@@ -57,7 +57,6 @@ import dataclasses
 import datetime
 import fcntl
 import hashlib
-import html
 import itertools
 import json
 import math
@@ -79,7 +78,7 @@ from optuna.trial import FrozenTrial, Trial, TrialState
 from torch import nn
 
 from batchnorm.lab.data import INPUT_NORMS, Dataset, load_dataset, split_validation
-from batchnorm.lab.figures import embed_png, pyplot
+from batchnorm.lab.figures import pyplot
 from batchnorm.lab.models import ACTIVATIONS, NORMS, PLACEMENTS, parse_init
 from batchnorm.lab.training import (
     DivergenceError,
@@ -715,6 +714,16 @@ def draw_heatmaps(records: list[dict[str, Any]], grid: Grid, out: Path, trial_st
     facet, pairs = _heatmap_layout(grid)
     facet_values: list[GridValue | None] = list(grid[facet]) if facet is not None else [None]
     paths = []
+    # One colour scale for every figure and panel, fit to the accuracies reached (a fixed 0-1 scale makes
+    # close cells look alike); the number is written in every cell.
+    reached = [
+        float(row["value"])
+        for row in rows
+        if row["state"] == "complete" and row["value"] is not None and math.isfinite(row["value"])
+    ]
+    low, high = (min(reached), max(reached)) if reached else (0.0, 1.0)
+    if high - low < 1e-3:
+        low, high = low - 5e-4, high + 5e-4
     for x_name, y_name in pairs:
         x_values = grid[x_name]
         y_values: list[GridValue | None] = list(grid[y_name]) if y_name is not None else [None]
@@ -742,14 +751,15 @@ def draw_heatmaps(records: list[dict[str, Any]], grid: Grid, out: Path, trial_st
                     if completed:
                         values[i][j] = max(completed)
                         note = f"{max(completed):.3f}" + (f"\n{diverged}/{len(cell)} div" if diverged else "")
-                        color = "black" if max(completed) > 0.6 else "white"  # readable on viridis
+                        bright = (max(completed) - low) / (high - low) > 0.55  # viridis is light at the top
+                        color = "black" if bright else "white"
                         axis.text(j, i, note, ha="center", va="center", fontsize=8, color=color)
                     elif diverged:
                         axis.add_patch(
                             Rectangle((j - 0.5, i - 0.5), 1, 1, facecolor="#dddddd", edgecolor="#888888", hatch="xx")
                         )
                         axis.text(j, i, "diverged", ha="center", va="center", fontsize=8, color="#b00000")
-            image = axis.imshow(values, cmap="viridis", vmin=0.0, vmax=1.0, aspect="auto", origin="lower")
+            image = axis.imshow(values, cmap="viridis", vmin=low, vmax=high, aspect="auto", origin="lower")
             axis.set_xticks(range(len(x_values)), [_format_value(v) for v in x_values])
             axis.set_xlabel(option_name(x_name))
             if y_name is not None:
@@ -774,49 +784,9 @@ def draw_heatmaps(records: list[dict[str, Any]], grid: Grid, out: Path, trial_st
 
 def write_tune_report(out: Path, results: dict[str, Any], heatmaps: list[Path]) -> Path:
     """``report.html``: the grid, the sorted table, the heatmaps, the best setting and the full run."""
-    grid: Grid = results["grid"]
-    best = results["best"]
-    rows = results_table(results["trials"])
-    best_number = results.get("best_trial", {}).get("number") if results.get("best_trial") else None
-    table_text = format_table(rows, grid, best_number)
-    figures = "".join(
-        f"<figure>{embed_png(path)}<figcaption>Final validation accuracy of the {results['trial_steps']}-step "
-        "trials: each cell shows the best over the grid options not on its axes, 'k/m div' when k of its m "
-        "trials diverged; hatched cells diverged entirely (stopped by the divergence guard).</figcaption></figure>"
-        for path in heatmaps
-    )
-    grid_text = "; ".join(f"{option_name(n)} = {', '.join(_format_value(v) for v in vs)}" for n, vs in grid.items())
-    best_text = format_params(best) if best else "none (every trial diverged or failed)"
-    base_settings = {key: value for key, value in results["base"].items() if key not in grid}
-    section = f"""<section id="tune">
-<h2>Grid search</h2>
-<p>Grid: {html.escape(grid_text)}. Each point trained for {results["trial_steps"]} steps from the same seed,
-init and batches (Optuna's grid sampler, study <code>{html.escape(results["study"])}</code>). Runs stopped by
-the divergence guard are listed as diverged. Trials are ranked by their accuracy on the validation split
-(held out of the training split; the trials never see the test split); the full run of the best setting
-reports the test split once.</p>
-<pre>{html.escape(table_text)}</pre>
-{figures}
-<h3>Best setting and full run</h3>
-<p>Best: {html.escape(best_text)}.</p>
-<pre>{html.escape(json.dumps(results.get("final"), indent=2))}</pre>
-<h3>Base settings (every trial; the full run uses --steps)</h3>
-<pre>{html.escape(json.dumps(base_settings, indent=2))}</pre>
-</section>"""
-    page = f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>batchnorm tune: grid search</title>
-<style>
-body {{ font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto; color: #222; }}
-img {{ max-width: 100%; }} figure {{ margin: 1.5em 0; }} figcaption {{ color: #555; }}
-pre {{ background: #f6f6f6; padding: 1em; overflow-x: auto; }}
-</style></head><body>
-<h1>Hyperparameter grid search</h1>
-{section}
-</body></html>
-"""
-    path = out / "report.html"
-    path.write_text(page, encoding="utf-8")
-    return path
+    from batchnorm.lab.report import write_tune_page
+
+    return write_tune_page(out, results, heatmaps)
 
 
 def _write_json(path: Path, content: dict[str, Any]) -> None:
