@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -19,6 +20,7 @@ from batchnorm.lab.data import load_dataset
 from batchnorm.lab.experiments import COMPARE_DEFAULTS, compare
 from batchnorm.lab.explain import format_table
 from batchnorm.lab.report import format_summary
+from batchnorm.lab.training import TrainingInterrupted
 
 __all__ = ["configure_parser", "run"]
 
@@ -32,7 +34,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         "report.html into --out. --steps 50000 runs the paper's length. Runs on one CPU thread unless --threads "
         "says otherwise. --norm picks the normalized arm (default batch; e.g. group compares GroupNorm with no "
         "normalization). --seeds K trains each arm with K seeds and reports mean, std and min-max. A rerun into "
-        "the same --out reuses every finished run with identical settings."
+        "the same --out reuses every finished run with identical settings and continues an interrupted one from its "
+        "checkpoint (Ctrl-C prints the command), ending as an uninterrupted compare would."
     )
     add_model_arguments(parser, defaults)
     add_data_arguments(parser, defaults)
@@ -52,13 +55,30 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
 
 
+def same_command(args: argparse.Namespace) -> str:
+    """The command as typed (``batchnorm VERB ...``), to run again after an interruption."""
+    command_line = getattr(args, "command_line", None)
+    return shlex.join(["batchnorm", *command_line]) if command_line else f"batchnorm {args.verb} (the same options)"
+
+
 def run(args: argparse.Namespace) -> int:
     config = config_from_args(args, COMPARE_DEFAULTS)
-    config.checkpoint_every = config.steps
     if args.download:
         load_dataset(config.data, config.data_dir, download=True)
     started = time.perf_counter()
-    results = compare(config, args.out, seeds=args.seeds, progress=not args.no_progress)
+    try:
+        results = compare(config, args.out, seeds=args.seeds, progress=not args.no_progress)
+    except TrainingInterrupted as interrupt:
+        raise KeyboardInterrupt(
+            f"interrupted in the {interrupt.run} run at step {interrupt.step}; last checkpoint "
+            f"{interrupt.checkpoint} (step {interrupt.checkpoint_step}); finished runs are kept in {args.out}; "
+            f"resume with the same command: {same_command(args)}"
+        ) from None
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(
+            f"interrupted; finished runs and checkpoints are kept in {args.out}; "
+            f"resume with the same command: {same_command(args)}"
+        ) from None
     if results["explain"]:
         print("What each BN layer computes (trained BN network, one training batch):")
         print(format_table(results["explain"]))

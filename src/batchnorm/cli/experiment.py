@@ -17,6 +17,7 @@ from batchnorm.cli.argtypes import (
     seed,
     seed_count,
 )
+from batchnorm.cli.compare import same_command
 from batchnorm.lab.data import DATASETS
 from batchnorm.lab.models import NORMS
 from batchnorm.lab.studies import EXPERIMENTS, format_table, run_experiment
@@ -159,7 +160,14 @@ def run(args: argparse.Namespace) -> int:
     settings = _settings(args)
     out = Path(args.out if args.out is not None else f"runs/experiment-{args.name}")
     started = time.perf_counter()
-    results = run_experiment(args.name, out, progress=not args.no_progress, **settings)
+    try:
+        results = run_experiment(args.name, out, progress=not args.no_progress, **settings)
+    except KeyboardInterrupt:
+        # The experiments keep their runs in memory (no checkpoints): the same command starts them over.
+        raise KeyboardInterrupt(
+            f"interrupted; experiment {args.name} keeps no partial runs, so the same command starts it over: "
+            f"{same_command(args)}"
+        ) from None
     print(
         f"{args.name}: {results['model']}, seeds {', '.join(str(s) for s in results['seeds'])}; "
         f"data: {results['dataset']}"

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from batchnorm.cli.argtypes import output_dir, positive_int
+from batchnorm.cli.compare import same_command
 from batchnorm.cli.options import (
     add_data_arguments,
     add_model_arguments,
@@ -19,11 +20,12 @@ from batchnorm.cli.options import (
     config_from_args,
 )
 from batchnorm.lab.data import load_dataset
-from batchnorm.lab.training import EXIT_DIVERGED, TrainConfig
+from batchnorm.lab.training import EXIT_DIVERGED, TrainConfig, TrainingInterrupted
 from batchnorm.lab.tune import (
     DEFAULT_TRIAL_STEPS,
     FINISHED_STATES,
     GRID_OPTIONS,
+    TuneInterrupted,
     WorkerError,
     format_params,
     format_table,
@@ -44,7 +46,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         "(--steps) with the setting of highest accuracy on the validation split (--val-fraction of each class, "
         "held out of the training split; trials never see the test split, and the full run reports it once). "
         "The study lives in SQLite (--out/study.db) or --storage; running the same command again resumes "
-        "without repeating finished points. Runs stopped by the divergence guard are recorded as diverged. "
+        "without repeating finished points (Ctrl-C prints the command; a trial cut short starts again, the full "
+        "run continues from its checkpoint). Runs stopped by the divergence guard are recorded as diverged. "
         "Writes tune.json, heatmaps and report.html into --out. The options below set every trial's base "
         "values; --grid overrides them."
     )
@@ -107,6 +110,18 @@ def run(args: argparse.Namespace) -> int:
     except WorkerError as error:  # failed workers (each printed its own error); the study keeps what finished
         sys.stderr.write(f"batchnorm: {error}; run the same command again to resume\n")
         return 1
+    except KeyboardInterrupt as interrupt:
+        study = args.storage or str(Path(args.out) / "study.db")
+        if isinstance(interrupt, TrainingInterrupted):  # in the full run, which saved its checkpoint
+            where = (
+                f"interrupted in the full run at step {interrupt.step}; last checkpoint {interrupt.checkpoint} "
+                f"(step {interrupt.checkpoint_step}); the grid search is finished and kept in {study}"
+            )
+        elif isinstance(interrupt, TuneInterrupted):
+            where = f"{interrupt}; finished trials are kept in {study}"
+        else:
+            where = f"interrupted; finished trials are kept in {study}"
+        raise KeyboardInterrupt(f"{where}; resume with the same command: {same_command(args)}") from None
     records = results["trials"]
     best_number = results["best_trial"]["number"] if results["best_trial"] else None
     print(f"{base.model}, {base.act}, {base.data}, {base.steps} steps per trial (study {results['study']})")

@@ -30,8 +30,12 @@ record (percentiles and per-layer statistics are drawn for it);
 Resuming: every finished run leaves ``record.json`` next to its checkpoint;
 running ``compare`` again into the same ``--out`` reuses each run whose
 settings are identical (so ``--seeds 3`` after ``--seeds 1`` trains only the
-new seeds, and a killed compare redoes only the unfinished runs). Delete the
-folder to train everything again.
+new seeds). A run cut short (Ctrl-C, a kill, a power cut) continues from its
+own checkpoint, written after every evaluation with the recorder's
+statistics in it (:meth:`LayerRecorder.state_dict`), so an interrupted
+compare run again with the same options ends with the same weights, curves
+and ``results.json`` numbers as an uninterrupted one. Delete the folder to
+train everything again.
 
 The normalized arm is ``--norm`` (default ``batch``; any of the variants, e.g.
 ``group``); the other arm is always ``none``. Results keep the keys ``bn`` and
@@ -64,6 +68,7 @@ from batchnorm.lab.training import (
     DivergenceError,
     TrainConfig,
     TrainResult,
+    load_checkpoint,
     model_from_checkpoint,
     train,
 )
@@ -201,6 +206,19 @@ class LayerRecorder:
         for p in PERCENTILES:
             self.percentiles[str(p)].append(float(np.percentile(pre, p)))
 
+    def state_dict(self) -> dict[str, Any]:
+        """Everything recorded so far (saved in each checkpoint, so that a resumed run records the same)."""
+        return self.as_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.percentile_steps = list(state["percentile_steps"])
+        self.percentiles = {key: list(values) for key, values in state["percentiles"].items()}
+        self.layer_steps = list(state["layer_steps"])
+        self.layers = {
+            name: {key: list(values) for key, values in stats.items()} for name, stats in state["layers"].items()
+        }
+        self.weights = {name: list(values) for name, values in state["weight_grad_to_data"].items()}
+
     def as_dict(self) -> dict[str, Any]:
         return {
             "percentile_steps": self.percentile_steps,
@@ -244,6 +262,13 @@ def _steps_to(result: dict[str, Any], threshold: float) -> int | None:
 RECORD_FILE = "record.json"
 
 
+def _run_settings(config: TrainConfig | dict[str, Any]) -> Any:
+    """A run's settings as they read back from JSON, without the checkpoint interval (it changes no result)."""
+    settings = dict(dataclasses.asdict(config) if isinstance(config, TrainConfig) else config)
+    settings.pop("checkpoint_every", None)
+    return json.loads(json.dumps(settings))
+
+
 def _reuse(config: TrainConfig, folder: Path) -> tuple[dict[str, Any], nn.Module | None] | None:
     """The record (and trained model) of a finished run of exactly ``config`` in ``folder``, or None."""
     path = folder / RECORD_FILE
@@ -251,7 +276,11 @@ def _reuse(config: TrainConfig, folder: Path) -> tuple[dict[str, Any], nn.Module
         saved = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    if not isinstance(saved, dict) or saved.get("config") != json.loads(json.dumps(dataclasses.asdict(config))):
+    if (
+        not isinstance(saved, dict)
+        or not isinstance(saved.get("config"), dict)
+        or _run_settings(saved["config"]) != _run_settings(config)
+    ):
         return None
     record = saved.get("record")
     if not isinstance(record, dict):
@@ -276,10 +305,12 @@ def _run_one(
 
     record: dict[str, Any] = {"diverged": None}
     result = None
+    resume = _resumable(config, out / label)
     try:
         result = train(
             config,
             out / label,
+            resume=resume,
             dataset=dataset,
             callbacks=recorders,  # filled by `attach` once the model exists
             progress=progress,
@@ -308,6 +339,23 @@ def _run_one(
     temporary.write_text(json.dumps(saved, allow_nan=True))
     temporary.replace(folder / RECORD_FILE)
     return record, result
+
+
+def _resumable(config: TrainConfig, folder: Path) -> Path | None:
+    """The checkpoint of an unfinished run of exactly ``config`` in ``folder`` (with its recorder state), or None."""
+    path = folder / "checkpoint.pt"
+    if not path.is_file():
+        return None
+    try:
+        payload = load_checkpoint(path)
+    except CheckpointError:
+        return None  # unreadable: the run starts over and overwrites it
+    stored = payload.get("config")
+    if not isinstance(stored, dict) or _run_settings(stored) != _run_settings(config):
+        return None
+    if int(payload.get("step", 0)) > 0 and not payload.get("callbacks"):
+        return None  # written before checkpoints held the recorder's statistics: they would be incomplete
+    return path
 
 
 SEED_KEYS = ("steps", "test_accuracy", "val_accuracy", "train_loss", "diverged", "seconds")
@@ -339,6 +387,8 @@ def compare(
         ValueError: invalid settings, ``config.norm == "none"`` or ``seeds < 1``.
     """
     config.validate()
+    # A checkpoint after every evaluation: an interrupted compare continues from there.
+    config = dataclasses.replace(config, checkpoint_every=config.eval_every)
     if config.norm == "none":
         raise ValueError("compare trains --norm against none: choose a normalization for --norm (default batch)")
     if seeds < 1:
