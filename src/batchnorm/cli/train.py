@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import shlex
 import sys
+from pathlib import Path
+from typing import Any
 
 from batchnorm.cli.argtypes import UsageError, output_dir, positive_int
 from batchnorm.cli.options import (
@@ -18,10 +22,14 @@ from batchnorm.lab.data import load_dataset
 from batchnorm.lab.report import write_train_report
 from batchnorm.lab.training import (
     EXIT_DIVERGED,
+    CheckpointError,
     DivergenceError,
     TrainConfig,
+    TrainingInterrupted,
+    check_same_model,
     config_from_checkpoint,
     load_checkpoint,
+    resume_changes,
     train,
 )
 
@@ -34,8 +42,11 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     defaults = TrainConfig()
     parser.description = (
         "Train one network with SGD. Writes metrics.jsonl and checkpoint.pt (atomic) into --out; --resume "
-        "continues a run exactly. A divergence guard stops a run whose loss or weights blow up (exit code 3), "
-        "keeping the last good checkpoint. A validation split (--val-fraction of each class) is held out of the "
+        "continues a run exactly (Ctrl-C saves a checkpoint and prints the command that resumes). On --resume, "
+        "a changed --lr, --momentum, --weight-decay, --eval-every, --checkpoint-every or --no-guard is applied "
+        "and announced; options that change the data, batches or network are refused. A divergence guard stops "
+        "a run whose loss or weights blow up (exit code 3), keeping the last good checkpoint and its metrics. "
+        "A validation split (--val-fraction of each class) is held out of the "
         "training split and reported at every evaluation next to the test split. " + THREADS_NOTE
     )
     add_model_arguments(parser, defaults)
@@ -52,31 +63,114 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
+# option dest -> TrainConfig field, for the options a resumed run compares with its checkpoint
+# (model, act, norm and placement are checked by check_same_model).
+RESUME_COMPARED = {
+    "init": "init",
+    "data": "data",
+    "data_dir": "data_dir",
+    "input_norm": "input_norm",
+    "lr": "lr",
+    "momentum": "momentum",
+    "weight_decay": "weight_decay",
+    "batch_size": "batch_size",
+    "eval_every": "eval_every",
+    "seed": "seed",
+    "no_guard": "guard",
+    "checkpoint_every": "checkpoint_every",
+    "val_fraction": "val_fraction",
+    "groups": "groups",
+    "virtual_batch_size": "virtual_batch_size",
+    "rmax": "rmax",
+    "dmax": "dmax",
+    "renorm_warmup": "renorm_warmup",
+}
+
+
+def _explicit_options(args: argparse.Namespace) -> set[str]:
+    """The option dests typed on the command line (parsed again with every default suppressed)."""
+    command_line = getattr(args, "command_line", None)
+    if not command_line or "train" not in command_line:
+        return set()
+    parser = argparse.ArgumentParser(add_help=False)
+    configure_parser(parser)
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    given, _ = parser.parse_known_args(command_line[command_line.index("train") + 1 :])
+    return set(vars(given))
+
+
+def _resume_overrides(args: argparse.Namespace, config: TrainConfig) -> dict[str, Any]:
+    explicit = _explicit_options(args)
+    return {field: getattr(config, field) for dest, field in RESUME_COMPARED.items() if dest in explicit}
+
+
+def _command(*words: str | Path) -> str:
+    return shlex.join(["batchnorm", *(str(word) for word in words)])
+
+
+def _interrupted(interrupt: KeyboardInterrupt, out: Path) -> KeyboardInterrupt:
+    """The one-line message for Ctrl-C: where the last checkpoint is and the command that resumes."""
+    checkpoint = out / "checkpoint.pt"
+    resume = _command("train", "--resume", checkpoint, "--out", out)
+    if isinstance(interrupt, TrainingInterrupted) and interrupt.checkpoint is not None:
+        return KeyboardInterrupt(f"{interrupt}; resume with: {resume}")
+    try:
+        step = int(load_checkpoint(checkpoint)["step"])
+    except (CheckpointError, KeyError, TypeError, ValueError):
+        return KeyboardInterrupt(f"interrupted before training started; no checkpoint in {out}")
+    return KeyboardInterrupt(
+        f"interrupted before training started; last checkpoint {checkpoint} (step {step}); resume with: {resume}"
+    )
+
+
+def _accuracies(validation: list[float], test: list[float]) -> str:
+    shown = f"validation accuracy {validation[-1]:.4f}, " if validation else "no validation split, "
+    return shown + (f"test accuracy {test[-1]:.4f}" if test else "test split not evaluated")
+
+
 def run(args: argparse.Namespace) -> int:
+    out = Path(args.out)
     try:
         config = config_from_args(args, TrainConfig())
         if args.download:
             load_dataset(config.data, config.data_dir, download=True)
-        if args.resume is not None and args.steps is None:
-            config.steps = config_from_checkpoint(load_checkpoint(args.resume)).steps
+        overrides: dict[str, Any] = {}
+        if args.resume is not None:
+            stored = config_from_checkpoint(load_checkpoint(args.resume))
+            if args.steps is None:
+                config.steps = stored.steps
+            check_same_model(requested_model(args), stored, args.resume)
+            overrides = _resume_overrides(args, config)
+            _, notes = resume_changes(dataclasses.replace(stored, steps=config.steps), overrides)
+            for note in notes:
+                print(note, flush=True)
         result = train(
             config,
             args.out,
             resume=args.resume,
             requested_model=requested_model(args),
             progress=not args.no_progress,
+            overrides=overrides,
         )
     except DivergenceError as error:
         sys.stderr.write(f"batchnorm: {error}\n")
         return EXIT_DIVERGED
     except ValueError as error:
         raise UsageError(str(error)) from None
-    validation = (
-        f"validation accuracy {result.final_val_accuracy:.4f}, " if result.val_accuracy else "no validation split, "
-    )
-    test = f"test accuracy {result.final_accuracy:.4f}" if result.test_accuracy else "test split not evaluated"
+    except KeyboardInterrupt as interrupt:
+        raise _interrupted(interrupt, out) from None
+    if result.nothing_to_do:
+        further = f" (--steps {config.steps} is not beyond it)" if config.steps != result.final_step else ""
+        print(
+            f"nothing to do: run finished at step {result.final_step}{further}; "
+            f"{_accuracies(result.val_accuracy, result.test_accuracy)}; checkpoint {result.checkpoint}; "
+            f"give --steps above {result.final_step} to train further"
+        )
+        return 0
     print(
-        f"done: {result.final_step} steps in {result.seconds:.1f} s, {validation}{test}; checkpoint {result.checkpoint}"
+        f"done: {result.final_step} steps in {result.seconds:.1f} s, "
+        f"{_accuracies(result.val_accuracy, result.test_accuracy)}; checkpoint {result.checkpoint}"
     )
     print(f"report {write_train_report(args.out)} (loss and accuracy in train.png)")
     return 0

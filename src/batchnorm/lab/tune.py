@@ -27,6 +27,14 @@ of the next grid point between the local workers, so each point is trained
 exactly once; a rare race between machines is recorded as a trial with
 state ``duplicate`` and not counted.
 
+Ctrl-C: a trial in progress is recorded as ``interrupted`` (Optuna state
+PRUNED, no traceback) and trained again from its start by the next run; the
+search stops with :class:`TuneInterrupted`. In the full run, Ctrl-C saves
+its checkpoint (:class:`~batchnorm.lab.training.TrainingInterrupted`), from
+which the next run continues. A kill (SIGKILL) leaves the trial RUNNING; the
+next run fails and re-enqueues it (see above). Every write is a database
+transaction (SQLite commits atomically) or an atomic file replace.
+
 A run stopped by the training divergence guard (:class:`DivergenceError`:
 non-finite or exploding loss or weights) ends the trial early. Optuna records
 it as PRUNED with the user attribute ``state = "diverged"``; it is listed in
@@ -83,6 +91,7 @@ from batchnorm.lab.models import ACTIVATIONS, NORMS, PLACEMENTS, parse_init
 from batchnorm.lab.training import (
     DivergenceError,
     TrainConfig,
+    TrainingInterrupted,
     load_checkpoint,
     train,
 )
@@ -93,6 +102,7 @@ __all__ = [
     "GRID_OPTIONS",
     "ClaimingGridSampler",
     "Grid",
+    "TuneInterrupted",
     "WorkerError",
     "WorkerJob",
     "draw_heatmaps",
@@ -362,7 +372,7 @@ def trial_state(trial: FrozenTrial) -> str:
     if trial.state == TrialState.COMPLETE:
         return "complete"
     if trial.state == TrialState.PRUNED:
-        return str(recorded) if recorded in ("diverged", "duplicate") else "pruned"
+        return str(recorded) if recorded in ("diverged", "duplicate", "interrupted") else "pruned"
     if trial.state == TrialState.FAIL:
         return "interrupted" if recorded == "interrupted" else "failed"
     return trial.state.name.lower()
@@ -485,6 +495,17 @@ class WorkerError(RuntimeError):
     """A ``--jobs`` worker process failed (it printed its own error)."""
 
 
+class TuneInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a trial: the trial is recorded as interrupted (retried by the next run), the study kept."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
 @dataclass(frozen=True)
 class WorkerJob:
     """What a worker process needs (as JSON on its command line): the study, the grid and the base settings.
@@ -571,6 +592,8 @@ def run_worker(job: WorkerJob, dataset: Dataset | None = None, on_progress: Call
     study = optuna.load_study(study_name=job.study_name, storage=open_storage(job.storage), sampler=_sampler(job.grid))
     lock = _FileLock(Path(job.lock_path))
 
+    interrupted: list[str] = []
+
     def objective(trial: Trial) -> float:
         try:
             params = {name: trial.suggest_categorical(name, tuple(values)) for name, values in job.grid.items()}
@@ -581,7 +604,14 @@ def run_worker(job: WorkerJob, dataset: Dataset | None = None, on_progress: Call
             trial.set_user_attr("state", "duplicate")
             trial.set_user_attr("duplicate_of", duplicate)
             raise optuna.TrialPruned(f"grid point already taken by trial {duplicate}")
-        return _train_trial(trial, with_params(base, params), dataset)
+        try:
+            return _train_trial(trial, with_params(base, params), dataset)
+        except KeyboardInterrupt as interrupt:
+            # Recorded here (Optuna would log a traceback for a KeyboardInterrupt); the point is retried next time.
+            where = f" at step {interrupt.step}" if isinstance(interrupt, TrainingInterrupted) else ""
+            interrupted.append(f"interrupted in trial {trial.number} ({format_params(params)}){where}")
+            trial.set_user_attr("state", "interrupted")
+            raise optuna.TrialPruned("interrupted") from None
 
     while True:
         lock.acquire()
@@ -591,6 +621,8 @@ def run_worker(job: WorkerJob, dataset: Dataset | None = None, on_progress: Call
                 study.optimize(objective, n_trials=1)
         finally:
             lock.release()
+        if interrupted:
+            raise TuneInterrupted(f"{interrupted[0]}; that trial starts again on resume")
         if on_progress is not None:
             on_progress()
         if progress.pending == 0:
@@ -802,7 +834,9 @@ def _final_run(config: TrainConfig, out: Path, dataset: Dataset, progress: bool)
     """Train the best setting for ``config.steps`` into ``out``, resuming an earlier final run of the same setting.
 
     Returns the last evaluation of ``metrics.jsonl`` (the whole run's, also
-    when resumed); ``seconds`` is the training time of this call only.
+    when resumed); ``seconds`` is the training time of the whole run, over
+    all its sessions. Ctrl-C raises :class:`~batchnorm.lab.training.TrainingInterrupted`
+    after saving the checkpoint the next call resumes.
     """
     checkpoint = out / "checkpoint.pt"
     resume: Path | None = None
