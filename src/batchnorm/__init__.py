@@ -8,6 +8,8 @@ Import as ``import batchnorm as bn``:
   :class:`BatchNorm3d`: drop-in modules; :func:`convert` swaps torch's for ours.
 - :class:`BatchNormAct`: BN fused with an activation, saving half the memory for backward.
 - Variants: :class:`BatchRenorm`, :class:`GhostBatchNorm`, :class:`FrozenBatchNorm` and :func:`freeze`.
+- Scale-out: :class:`SyncBatchNorm` (statistics of the batch of every process, torch.distributed)
+  and :func:`convert_sync`.
 - Deployment: :func:`fold` (BN into the layer before it) and :func:`recalibrate` (precise BN statistics).
 - :func:`explain`: what every BN layer of a model computes on a real batch.
 - :mod:`batchnorm.kernels`: the four primitives (``stats``, ``normalize``, ``grad_sums``,
@@ -25,6 +27,7 @@ from batchnorm.nn.frozen import FrozenBatchNorm, freeze
 from batchnorm.nn.fused import BatchNormAct
 from batchnorm.nn.ghost import GhostBatchNorm
 from batchnorm.nn.renorm import BatchRenorm
+from batchnorm.nn.sync import SyncBatchNorm, SyncBatchNormError, convert_sync
 
 __version__ = "0.1.0"
 
@@ -39,8 +42,11 @@ __all__ = [
     "FrozenBatchNorm",
     "GhostBatchNorm",
     "NonfiniteBatchError",
+    "SyncBatchNorm",
+    "SyncBatchNormError",
     "__version__",
     "convert",
+    "convert_sync",
     "explain",
     "fold",
     "freeze",
