@@ -25,7 +25,7 @@ from batchnorm.cli.argtypes import (
     positive_int,
     threads,
 )
-from batchnorm.lab import bench
+from batchnorm.lab import bench, bench_distributed
 from batchnorm.lab.bench import (
     OPERATIONS,
     BenchOptions,
@@ -123,6 +123,12 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--explain-only", action="store_true", help="print the kernel choices and stop")
     parser.add_argument(
+        "--distributed",
+        action="store_true",
+        help="time training steps of a BN CNN in 2 processes (gloo) with our SyncBatchNorm, local BN and torch's "
+        "SyncBatchNorm, and count collectives per BN call (writes bench_distributed.json); then stop",
+    )
+    parser.add_argument(
         "--end-to-end", action="store_true", help="also time training steps of the paper MLP and a small CNN"
     )
     parser.add_argument(
@@ -152,6 +158,17 @@ def run(args: argparse.Namespace) -> int:
     if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
         sys.stderr.write("batchnorm bench: error: --device cuda, but torch.cuda.is_available() is False\n")
         return 2
+    if args.distributed:
+        bench_distributed.run(
+            bench_distributed.DistributedOptions(
+                steps=args.steps or (5 if args.quick else 10),
+                repeats=args.repeats or (3 if args.quick else 5),
+                threads=threads,
+                out=out,
+                json_path=args.json,
+            )
+        )
+        return 0
     options = BenchOptions(
         quick=args.quick,
         shapes=args.shapes,
