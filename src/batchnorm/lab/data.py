@@ -13,6 +13,16 @@ Datasets (``--data``):
   (``train-images-idx3-ubyte`` etc., optionally ``.gz``) in ``--data-dir``;
   fetched only with an explicit ``--download``.
 * ``synthetic``: small noisy class templates for tests (seeded).
+* your own arrays (``--data FILE.npz``, stored as ``data="npz"`` with the
+  file's absolute path in ``data_dir``; :func:`load_npz`): ``x`` (examples,
+  floating point or integer pixels, shaped ``(N, D)``, ``(N, H, W)`` -> a
+  channel axis is added -> ``(N, 1, H, W)``, or ``(N, C, H, W)``; no NaN or
+  infinity) and ``y`` (integer labels ``0..K-1``, every class present, one
+  per example); optionally ``x_test`` and ``y_test`` (the same shapes, labels
+  within ``0..K-1``). Without a test split, one is held out: for each class,
+  a permutation drawn once with ``numpy.random.default_rng(2015)`` keeps
+  ``round(0.8 * n_class)`` examples for training and the rest (20%) for test,
+  as for ``digits``.
 
 Validation split (``--val-fraction``, default 0.1): every training run
 carves a validation split out of the *training* split, stratified by class:
@@ -43,6 +53,7 @@ import gzip
 import os
 import struct
 import urllib.request
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,11 +67,14 @@ __all__ = [
     "Dataset",
     "InputNormalizer",
     "load_dataset",
+    "load_npz",
     "split_validation",
     "validation_indices",
 ]
 
-DATASETS = ("mnist5k", "digits", "mnist", "synthetic")
+DATASETS = ("mnist5k", "digits", "mnist", "synthetic", "npz")
+NPZ = "npz"  # the dataset kind of your own arrays; data_dir holds the .npz file's path
+NPZ_TRAIN_FRACTION = 0.8
 INPUT_NORMS = ("standardize", "minmax", "none")
 SPLIT_SEED = 2015
 VAL_SEED = 2016
@@ -293,7 +307,108 @@ def load_dataset(name: str, data_dir: str | None = None, download: bool = False,
         return _load_mnist(data_dir, download)
     if name == "synthetic":
         return _synthetic(seed)
+    if name == NPZ:
+        if data_dir is None:
+            raise ValueError("--data npz needs the file itself: --data FILE.npz")
+        return load_npz(data_dir)
     raise ValueError(f"unknown dataset {name!r}: expected one of {', '.join(DATASETS)}")
+
+
+def _npz_array(arrays: dict[str, np.ndarray], key: str, path: Path) -> np.ndarray:
+    array = arrays[key]
+    if array.dtype.kind not in "fiu":
+        raise ValueError(f"{path}: array {key!r} has dtype {array.dtype}; expected floating point or integer pixels")
+    if array.ndim not in (2, 3, 4):
+        raise ValueError(f"{path}: array {key!r} has shape {array.shape}; expected (N, D), (N, H, W) or (N, C, H, W)")
+    if len(array) == 0:
+        raise ValueError(f"{path}: array {key!r} holds no examples")
+    if array.dtype.kind == "f" and not np.isfinite(array).all():
+        bad = int((~np.isfinite(array)).sum())
+        raise ValueError(f"{path}: array {key!r} holds {bad} NaN or infinite values")
+    return array.astype(np.float32).reshape(array.shape[0], 1, *array.shape[1:]) if array.ndim == 3 else array
+
+
+def _npz_labels(arrays: dict[str, np.ndarray], key: str, count: int, examples: str, path: Path) -> np.ndarray:
+    labels = arrays[key]
+    if labels.dtype.kind not in "iu":
+        raise ValueError(f"{path}: array {key!r} has dtype {labels.dtype}; expected integer class labels 0..K-1")
+    if labels.ndim != 1:
+        raise ValueError(f"{path}: array {key!r} has shape {labels.shape}; expected one label per example (N,)")
+    if len(labels) != count:
+        raise ValueError(f"{path}: {examples!r} has {count} examples but {key!r} has {len(labels)} labels")
+    if len(labels) and int(labels.min()) < 0:
+        raise ValueError(f"{path}: array {key!r} holds the label {int(labels.min())}; expected labels 0..K-1")
+    return labels.astype(np.int64)
+
+
+def load_npz(path: str | Path) -> Dataset:
+    """Your own examples and labels from a ``.npz`` file (see the module docstring for the arrays).
+
+    Raises:
+        ValueError: one line naming the file and what is wrong: missing or
+            unreadable file, missing arrays, wrong dtypes or shapes,
+            mismatched lengths, labels out of range or not ``0..K-1``, NaN.
+    """
+    file = Path(path)
+    if not file.is_file():
+        raise ValueError(f"--data {file}: no such file")
+    try:
+        with np.load(file, allow_pickle=False) as archive:
+            arrays = {key: archive[key] for key in archive.files}
+    except (OSError, ValueError, EOFError) as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise ValueError(f"--data {file}: not a readable .npz file ({reason})") from None
+    except zipfile.BadZipFile as error:  # a damaged archive
+        raise ValueError(f"--data {file}: not a readable .npz file ({type(error).__name__})") from None
+    missing = [key for key in ("x", "y") if key not in arrays]
+    if missing:
+        found = ", ".join(sorted(arrays)) or "none"
+        raise ValueError(f"{file}: missing array {' and '.join(repr(k) for k in missing)} (found: {found})")
+    if ("x_test" in arrays) != ("y_test" in arrays):
+        given, partner = ("x_test", "y_test") if "x_test" in arrays else ("y_test", "x_test")
+        raise ValueError(f"{file}: {given!r} is given without {partner!r}; give both or neither")
+    images = _npz_array(arrays, "x", file)
+    labels = _npz_labels(arrays, "y", len(images), "x", file)
+    classes = int(labels.max()) + 1
+    absent = sorted(set(range(classes)) - {int(v) for v in np.unique(labels)})
+    if absent:
+        shown = ", ".join(str(v) for v in absent[:5]) + (", ..." if len(absent) > 5 else "")
+        raise ValueError(
+            f"{file}: labels in 'y' must be 0..K-1 with every class present; {classes} classes (0..{classes - 1}) "
+            f"but no example of {shown}"
+        )
+    if classes < 2:
+        raise ValueError(f"{file}: 'y' holds a single class; a classifier needs at least 2")
+    images = images.astype(np.float32)
+    if "x_test" in arrays:
+        test_images = _npz_array(arrays, "x_test", file).astype(np.float32)
+        if test_images.shape[1:] != images.shape[1:]:
+            raise ValueError(
+                f"{file}: 'x_test' examples have shape {test_images.shape[1:]} but 'x' examples {images.shape[1:]}"
+            )
+        test_labels = _npz_labels(arrays, "y_test", len(test_images), "x_test", file)
+        if int(test_labels.max()) >= classes:
+            raise ValueError(
+                f"{file}: 'y_test' holds the label {int(test_labels.max())} but 'y' has classes 0..{classes - 1}"
+            )
+        train_images, train_labels = images, labels
+        split = f"{len(train_labels):,} train / {len(test_labels):,} test (x_test, y_test)"
+    else:
+        train, test = _stratified_split(labels, NPZ_TRAIN_FRACTION)
+        if len(test) == 0:
+            raise ValueError(f"{file}: too few examples to hold out a test split; add x_test and y_test")
+        train_images, train_labels = images[train], labels[train]
+        test_images, test_labels = images[test], labels[test]
+        split = f"{len(train):,} train / {len(test):,} test (20% of each class held out)"
+    return Dataset(
+        NPZ,
+        torch.from_numpy(np.ascontiguousarray(train_images)),
+        torch.from_numpy(train_labels),
+        torch.from_numpy(np.ascontiguousarray(test_images)),
+        torch.from_numpy(test_labels),
+        classes,
+        f"{file.name}: {classes} classes, examples of shape {tuple(images.shape[1:])}, {split}",
+    )
 
 
 class InputNormalizer:

@@ -46,6 +46,19 @@ Normalization (``norm``, ``--norm``), the layer placed where BN goes:
   size and learn one gamma per position).
 * ``none``: no normalization layer; Linear and Conv layers keep their bias.
 
+Your own network (``--model FILE.py:FACTORY``): a Python file defining a
+function that takes no arguments and returns a ``torch.nn.Module``.
+:func:`load_factory` imports the file from its path (``importlib``, not
+``sys.path``) and returns the function; :func:`build_factory_model` calls it
+and checks the result; :func:`check_forward` runs one forward pass on a real
+batch and (for training) checks the output is ``(N, classes)`` logits. The
+factory builds the whole network, so ``--act``, ``--norm``, ``--placement``
+and ``--init`` do not apply to it (torch's default init, seeded by
+``--seed``). Its :class:`ModelSpec` has ``kind="file"``; its number of
+outputs is unknown until a forward pass, so ``widths`` is a placeholder
+``(0, FACTORY_OUTPUTS)`` that defers the spec-level class check to
+:func:`check_forward`.
+
 With ``placement="before"`` every normalization layer (any of the above) is
 followed by its own per-feature beta, so the Linear/Conv before it has no
 bias, whatever the kind.
@@ -59,9 +72,13 @@ line up across kinds.
 
 from __future__ import annotations
 
+import hashlib
+import importlib.util
 import math
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -78,7 +95,11 @@ __all__ = [
     "PLACEMENTS",
     "ModelSpec",
     "NormOptions",
+    "build_factory_model",
     "build_model",
+    "check_forward",
+    "is_factory_spec",
+    "load_factory",
     "group_count",
     "parse_init",
     "parse_spec",
@@ -130,23 +151,136 @@ class NormOptions:
     renorm_warmup: int = DEFAULT_RENORM_WARMUP
 
 
+FACTORY_OUTPUTS = 2**31 - 1  # the placeholder output width of a factory spec (checked by a forward pass)
+
+
 @dataclass(frozen=True)
 class ModelSpec:
-    """A parsed spec: ``kind`` is ``"mlp"`` or ``"cnn"``; ``widths`` runs from input to classes."""
+    """A parsed spec: ``kind`` is ``"mlp"``, ``"cnn"`` or ``"file"``; ``widths`` runs from input to classes.
+
+    ``source`` is the ``PATH.py:FACTORY`` text of a ``"file"`` spec (its
+    widths are the placeholder ``(0, FACTORY_OUTPUTS)``).
+    """
 
     kind: str
     widths: tuple[int, ...]
+    source: str = ""
 
     def __str__(self) -> str:
+        if self.kind == "file":
+            return self.source
         return f"{self.kind}:" + "-".join(str(width) for width in self.widths)
 
 
+def is_factory_spec(text: str) -> bool:
+    """Whether ``text`` names a factory in a Python file (``PATH.py:FUNCTION``) rather than a built-in spec."""
+    path, separator, _ = text.rpartition(":")
+    return bool(separator) and path.strip().endswith(".py")
+
+
+def _split_factory(text: str) -> tuple[Path, str]:
+    path, _, name = text.rpartition(":")
+    name = name.strip()
+    if not name.isidentifier():
+        raise ValueError(f"--model {text}: {name!r} is not a function name (expected FILE.py:FUNCTION)")
+    return Path(path.strip()), name
+
+
+def load_factory(text: str) -> Callable[[], object]:
+    """The function ``FUNCTION`` of the Python file ``PATH.py`` named by ``text`` (``PATH.py:FUNCTION``).
+
+    The file is imported from its path with ``importlib`` (it runs as a
+    module of its own; nothing is added to ``sys.path``).
+
+    Raises:
+        ValueError: one line: a missing file, a file that fails to import,
+            no such function, or a name that is not callable.
+    """
+    path, name = _split_factory(text)
+    if not path.is_file():
+        raise ValueError(f"--model {text}: no such file {path}")
+    digest = hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:12]
+    module_spec = importlib.util.spec_from_file_location(f"batchnorm_user_model_{digest}", path)
+    if module_spec is None or module_spec.loader is None:
+        raise ValueError(f"--model {text}: {path} cannot be imported as a Python module")
+    module = importlib.util.module_from_spec(module_spec)
+    try:
+        module_spec.loader.exec_module(module)
+    except Exception as error:  # the user's code may raise anything while it is imported
+        raise ValueError(f"--model {text}: importing {path} failed: {_one_line(error)}") from None
+    factory = getattr(module, name, None)
+    if factory is None:
+        functions = sorted(key for key, value in vars(module).items() if callable(value) and not key.startswith("_"))
+        known = f" (it defines: {', '.join(functions)})" if functions else ""
+        raise ValueError(f"--model {text}: {path} defines no function {name!r}{known}")
+    if not callable(factory):
+        raise ValueError(f"--model {text}: {name} in {path} is a {type(factory).__name__}, not a function")
+    return factory  # type: ignore[no-any-return]
+
+
+def _one_line(error: BaseException) -> str:
+    message = " ".join(str(error).split())
+    return f"{type(error).__name__}: {message}" if message else type(error).__name__
+
+
+def build_factory_model(text: str) -> nn.Module:
+    """Call the factory ``PATH.py:FUNCTION`` with no arguments; ``ValueError`` unless it returns an ``nn.Module``."""
+    factory = load_factory(text)
+    name = _split_factory(text)[1]
+    try:
+        model = factory()
+    except Exception as error:  # the user's factory may raise anything
+        raise ValueError(f"--model {text}: {name}() raised {_one_line(error)}") from None
+    if not isinstance(model, nn.Module):
+        raise ValueError(
+            f"--model {text}: {name}() returned a value of type {type(model).__name__}, not a torch.nn.Module"
+        )
+    return model
+
+
+def check_forward(model: nn.Module, batch: torch.Tensor, text: str, num_classes: int | None = None) -> None:
+    """One forward pass of ``model`` on ``batch`` (eval mode, no gradients; buffers and mode restored).
+
+    With ``num_classes``, the output must be ``(N, num_classes)`` logits.
+
+    Raises:
+        ValueError: one line naming the batch shape and what went wrong.
+    """
+    was_training = model.training
+    buffers = [buffer.detach().clone() for buffer in model.buffers()]
+    model.eval()
+    try:
+        with torch.no_grad():
+            output = model(batch)
+    except Exception as error:  # a shape mismatch inside the user's network, most often
+        raise ValueError(
+            f"--model {text}: a forward pass on a batch of shape {tuple(batch.shape)} failed: {_one_line(error)}"
+        ) from None
+    finally:
+        model.train(was_training)
+        with torch.no_grad():
+            for buffer, saved in zip(model.buffers(), buffers):
+                buffer.copy_(saved)
+    if num_classes is None:
+        return
+    expected = (int(batch.shape[0]), num_classes)
+    shape = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
+    if shape != expected:
+        raise ValueError(
+            f"--model {text}: on a batch of shape {tuple(batch.shape)} the network returns {shape}; training needs "
+            f"(N, classes) logits, here {expected} for the {num_classes} classes of the data"
+        )
+
+
 def parse_spec(text: str) -> ModelSpec:
-    """Parse ``'mlp:784-100-10'`` or ``'cnn:1-16-32-10'``.
+    """Parse ``'mlp:784-100-10'``, ``'cnn:1-16-32-10'`` or a factory ``'PATH.py:FUNCTION'`` (not loaded here).
 
     Raises:
         ValueError: unknown kind, non-integer or non-positive widths, too few widths.
     """
+    if is_factory_spec(text):
+        _split_factory(text)
+        return ModelSpec("file", (0, FACTORY_OUTPUTS), text)
     kind, separator, rest = text.partition(":")
     kind = kind.strip().lower()
     if not separator or kind not in ("mlp", "cnn"):
@@ -267,8 +401,8 @@ def build_model(
     image_size: int = 28,
     seed: int | None = None,
     norm_options: NormOptions | None = None,
-) -> nn.Sequential:
-    """Build the network a spec describes.
+) -> nn.Module:
+    """Build the network a spec describes (a factory spec: the module its function returns).
 
     Args:
         spec: a spec string or :class:`ModelSpec`.
@@ -294,6 +428,8 @@ def build_model(
           values per example); output: ``(N, classes)`` logits.
     """
     parsed = parse_spec(spec) if isinstance(spec, str) else spec
+    if parsed.kind == "file":  # the user's own network, built whole by their factory
+        return build_factory_model(parsed.source)
     for option, value, allowed in (
         ("activation", activation, ACTIVATIONS),
         ("norm", norm, NORMS),
