@@ -6,18 +6,18 @@ every rank's slice. Outputs and input gradients concatenate, weight and bias
 gradients add up over ranks (what DDP reduces), running statistics are equal
 on every rank, all within 1e-10.
 
-This file is also the worker: ``python test_sync.py worker MODE RANK WORLD STORE DIR``.
-Every launch runs under a deadline and kills what is left, so no test can hang.
+Workers are forked from a fork server that imports torch once (:func:`launch`);
+every launch runs under a deadline and kills what is left, so no test can hang.
 """
 
 from __future__ import annotations
 
 import datetime
 import json
+import multiprocessing
 import os
-import subprocess
-import sys
 import time
+import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -36,54 +36,57 @@ WORLD = 3
 # --- launching workers ------------------------------------------------------------------
 
 
-def _environment() -> dict[str, str]:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    if Path("/sys/class/net/lo").exists():
-        env.setdefault("GLOO_SOCKET_IFNAME", "lo")  # loopback, whatever the hostname resolves to
-    return env
+def _context() -> Any:
+    """Workers forked from a fork server that imported torch and batchnorm once (fresh, single-threaded)."""
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")  # slower (each worker imports torch), same results
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["torch", "torch.distributed", "batchnorm"])
+    return context
 
 
-def launch(
-    directory: Path, mode: str, world: int, *, wait_for: tuple[int, ...] | None = None
-) -> dict[int, tuple[int | None, str]]:
+def _child(mode: str, rank: int, world: int, store: str, directory: str) -> None:
+    """A worker process: run :func:`_worker`; a failure leaves its traceback in ``DIR/error-RANK.txt``."""
+    try:
+        _worker(mode, rank, world, store, directory)
+    except BaseException:
+        (Path(directory) / f"error-{rank}.txt").write_text(traceback.format_exc())
+        os._exit(1)
+
+
+def launch(directory: Path, mode: str, world: int, *, wait_for: tuple[int, ...] | None = None) -> dict[int, int | None]:
     """Start ``world`` worker processes; wait (under :data:`DEADLINE_S`) for ranks ``wait_for`` (default all).
 
-    Returns ``{rank: (exit code or None if killed, output)}``; every process still running is killed.
+    Returns ``{rank: exit code, or None if it had to be killed}``; every process still running is killed.
     """
     store = directory / f"store-{mode}"
+    context = _context()
     processes = [
-        subprocess.Popen(
-            [sys.executable, __file__, "worker", mode, str(rank), str(world), str(store), str(directory)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            env=_environment(),
-            text=True,
-        )
+        context.Process(target=_child, args=(mode, rank, world, str(store), str(directory)), daemon=True)
         for rank in range(world)
     ]
-    results: dict[int, tuple[int | None, str]] = {}
+    for process in processes:
+        process.start()
+    results: dict[int, int | None] = {}
     deadline = time.monotonic() + DEADLINE_S
     try:
         for rank in wait_for if wait_for is not None else range(world):
-            try:
-                output, _ = processes[rank].communicate(timeout=max(deadline - time.monotonic(), 0.1))
-                results[rank] = (processes[rank].returncode, output)
-            except subprocess.TimeoutExpired:
-                processes[rank].kill()
-                output, _ = processes[rank].communicate()
-                results[rank] = (None, output)
+            processes[rank].join(timeout=max(deadline - time.monotonic(), 0.1))
+            results[rank] = processes[rank].exitcode
     finally:
         for process in processes:
-            if process.poll() is None:
+            if process.is_alive():
                 process.kill()
-            process.communicate()
+            process.join()
     return results
 
 
-def _check_exits(results: dict[int, tuple[int | None, str]]) -> None:
-    for rank, (code, output) in results.items():
-        assert code is not None, f"rank {rank} hung (killed after {DEADLINE_S:.0f} s):\n{output}"
-        assert code == 0, f"rank {rank} exited with {code}:\n{output}"
+def _check_exits(results: dict[int, int | None], directory: Path) -> None:
+    for rank, code in results.items():
+        error = directory / f"error-{rank}.txt"
+        details = error.read_text() if error.exists() else ""
+        assert code is not None, f"rank {rank} hung (killed after {DEADLINE_S:.0f} s)"
+        assert code == 0, f"rank {rank} exited with {code}:\n{details}"
 
 
 # --- the cases and their single-process reference -------------------------------------------
@@ -355,6 +358,8 @@ def _worker(mode: str, rank: int, world: int, store: str, directory: str) -> Non
     import batchnorm as bn
 
     torch.set_num_threads(1)
+    if Path("/sys/class/net/lo").exists():
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # loopback, whatever the hostname resolves to
     folder = Path(directory)
     group_timeout = datetime.timedelta(seconds=2 if mode == "absent, group timeout" else 30)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world, timeout=group_timeout)
@@ -397,7 +402,7 @@ def distributed(tmp_path_factory: pytest.TempPathFactory) -> dict[int, dict[str,
     directory = tmp_path_factory.mktemp("sync")
     torch.save(CASES, directory / "cases.pt")
     torch.save(_ddp_data(), directory / "ddp.pt")
-    _check_exits(launch(directory, "main", WORLD))
+    _check_exits(launch(directory, "main", WORLD), directory)
     return {rank: torch.load(directory / f"rank{rank}.pt", weights_only=True) for rank in range(WORLD)}
 
 
@@ -506,8 +511,7 @@ def test_ddp_with_and_without_broadcast_buffers_equals_one_process(distributed: 
     ],
 )
 def test_a_rank_that_dies_or_never_arrives_makes_the_others_raise(mode: str, mentions: str, tmp_path: Path) -> None:
-    results = launch(tmp_path, mode, 2, wait_for=(0,))
-    _check_exits(results)
+    _check_exits(launch(tmp_path, mode, 2, wait_for=(0,)), tmp_path)
     report = json.loads((tmp_path / "survivor.json").read_text())
     assert report["error"] == "SyncBatchNormError", report
     assert report["is_runtime_error"]
@@ -622,7 +626,3 @@ def test_a_process_group_passed_as_axis_is_explained(tmp_path: Path) -> None:
             bn.SyncBatchNorm(3, 1e-5, 0.1, True, True, dist.group.WORLD)
     finally:
         dist.destroy_process_group()
-
-
-if __name__ == "__main__" and len(sys.argv) == 7 and sys.argv[1] == "worker":
-    _worker(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5], sys.argv[6])
