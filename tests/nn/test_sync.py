@@ -367,6 +367,13 @@ def _worker(mode: str, rank: int, world: int, store: str, directory: str) -> Non
         cases = torch.load(folder / "cases.pt", weights_only=True)
         results = {name: _run_layer_case(case, rank) for name, case in cases.items()}
         results["ddp"] = _run_ddp(torch.load(folder / "ddp.pt", weights_only=True), rank, world)
+        x = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+        y = bn.SyncBatchNorm(3).double()(x)
+        try:  # refused on every rank before any collective, so nobody waits
+            torch.autograd.grad((y**2).sum(), x, create_graph=True)
+            results["double backward"] = ""
+        except RuntimeError as error:
+            results["double backward"] = str(error)
         torch.save(results, folder / f"rank{rank}.pt")
         dist.destroy_process_group()
         return
@@ -499,6 +506,11 @@ def test_ddp_with_and_without_broadcast_buffers_equals_one_process(distributed: 
             assert state.keys() == expected.keys()
             for key, value in expected.items():
                 _assert_close(state[key], value)
+
+
+def test_double_backward_is_refused_on_every_rank(distributed: dict[int, dict[str, Any]]) -> None:
+    for rank in range(WORLD):
+        assert "does not support double backward" in distributed[rank]["double backward"]
 
 
 @pytest.mark.parametrize(

@@ -352,11 +352,19 @@ def sync_batch_norm(
             input, running_mean, running_var, weight, bias, training, momentum, eps, axis,
             num_batches_tracked=num_batches_tracked, nonfinite=nonfinite,
         )  # fmt: skip
-    result: Tensor = _synchronized(
+    result: Tensor = _run(
         input, running_mean, running_var, weight, bias, momentum, eps, axis,
         process_group, size, num_batches_tracked, nonfinite, timeout, counter,
     )  # fmt: skip
     return result
+
+
+def _run(*args: Any) -> Tensor:
+    """:func:`_synchronized`; under ``torch.compile``, a graph break around it (it runs eagerly)."""
+    if torch.compiler.is_compiling():
+        eager: Tensor = torch.compiler.disable(_synchronized)(*args)  # type: ignore[no-untyped-call]
+        return eager
+    return _synchronized(*args)
 
 
 def _synchronized(
@@ -381,7 +389,7 @@ def _synchronized(
     chosen = kernels.plan(input, True, weight, bias)
     if not chosen.host_checks:
         raise BatchNormArgumentError(
-            "SyncBatchNorm cannot synchronize while traced (torch.compile, torch.export, torch.jit.trace), under "
+            "SyncBatchNorm cannot synchronize while traced (torch.export, torch.jit.trace), under "
             "torch.func transforms or forward-mode AD, or on meta tensors: it must read the merged statistics on "
             "the host. Compile or transform the model in eval mode, or in one process"
         )
@@ -435,8 +443,12 @@ class SyncBatchNorm(BatchNorm):
     (DDP reduces them). Running statistics get the global mean and unbiased
     variance, identically on every rank. In eval mode, with one process, or
     without an initialized process group it is exactly :class:`BatchNorm`
-    and communicates nothing. Parameters, buffers and state-dict keys are
-    torch's.
+    and communicates nothing (in eval without running statistics each rank
+    normalizes its own batch, as torch's layer does). Parameters, buffers
+    and state-dict keys are torch's. Synchronized training runs eagerly:
+    ``torch.compile`` breaks the graph around it; ``torch.jit.trace``,
+    ``torch.export`` and ``torch.func`` raise a clear error, and double
+    backward is refused (as torch's).
 
     Every rank must call the layer, also with an empty batch (its output is
     empty, and it takes part in both collectives). A rank that dies or never
@@ -510,7 +522,7 @@ class SyncBatchNorm(BatchNorm):
         self._check_input_dim(input)
         self.collectives.calls += 1
         track = self.track_running_stats
-        result: Tensor = _synchronized(
+        result: Tensor = _run(
             input,
             self.running_mean if track else None,
             self.running_var if track else None,
