@@ -12,7 +12,9 @@ import dataclasses
 import json
 import math
 import re
+import shlex
 import shutil
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +22,7 @@ import numpy as np
 import pytest
 import torch
 
+from batchnorm.lab import training
 from batchnorm.lab.data import load_dataset
 from batchnorm.lab.experiments import COMPARE_DEFAULTS, compare, percentile_steadiness, spread
 from batchnorm.lab.report import format_summary, write_report
@@ -437,3 +440,81 @@ def test_compare_another_normalization_and_bad_arguments(tmp_path: Path) -> None
         compare(dataclasses.replace(SEEDED, norm="none"), tmp_path, progress=False)
     with pytest.raises(ValueError, match="--seeds must be a positive integer, got 0"):
         compare(SEEDED, tmp_path, seeds=0, progress=False)
+
+
+# --------------------------------------------------------------------------- interrupted and continued
+
+
+def _without_seconds(results: dict[str, Any]) -> dict[str, Any]:
+    """results.json without the wall-clock times and the count of reused runs (all else must match)."""
+    copy = json.loads(json.dumps(results))
+    copy.pop("reused_runs")
+    for label in ("bn", "no_bn"):
+        copy["runs"][label].pop("seconds")
+        copy["summary"][label].pop("seconds")
+        for record in copy["seed_runs"][label]:
+            record.pop("seconds")
+    return copy
+
+
+def test_compare_interrupted_twice_continues_each_run_and_ends_as_an_uninterrupted_compare(
+    tiny: tuple[Path, dict[str, Any]],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Ctrl-C in the BN run (step 77) and in the run without BN (step 50): each rerun continues from the checkpoint."""
+    whole_out, whole = tiny
+    original = training.BatchSampler.next
+    drawn = [0]
+
+    def next_batch(self: Any) -> torch.Tensor:
+        drawn[0] += 1
+        if drawn[0] in (77, 200 + 50):  # the BN run draws 200 batches in all, interrupted or not
+            signal.raise_signal(signal.SIGINT)
+        return original(self)
+
+    monkeypatch.setattr(training.BatchSampler, "next", next_batch)
+    out = tmp_path / "split"
+    for label, step in (("bn", 77), ("no_bn", 50)):
+        with pytest.raises(training.TrainingInterrupted) as interrupt:
+            compare(TINY, out, progress=False, figures=False)
+        assert (interrupt.value.run, interrupt.value.step, interrupt.value.checkpoint_step) == (label, step, step)
+        assert torch.load(out / label / "checkpoint.pt", weights_only=True)["step"] == step
+    split = compare(TINY, out, progress=False, figures=False)
+    assert split["reused_runs"] == 1  # the BN run finished in the second call
+    assert _without_seconds(split) == _without_seconds(whole)
+    for label in ("bn", "no_bn"):
+        first = torch.load(whole_out / label / "checkpoint.pt", weights_only=True)["model"]
+        second = torch.load(out / label / "checkpoint.pt", weights_only=True)["model"]
+        assert first.keys() == second.keys()
+        assert all(torch.equal(first[name], second[name]) for name in first)
+    # A rerun now reuses both finished runs.
+    assert compare(TINY, out, progress=False, figures=False)["reused_runs"] == 2
+
+
+def test_compare_ctrl_c_is_one_line_with_the_checkpoint_and_the_command(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    original = training.BatchSampler.next
+    drawn = [0]
+
+    def next_batch(self: Any) -> torch.Tensor:
+        drawn[0] += 1
+        if drawn[0] == 30:
+            signal.raise_signal(signal.SIGINT)
+        return original(self)
+
+    monkeypatch.setattr(training.BatchSampler, "next", next_batch)
+    argv = [
+        "compare", "--data", "synthetic", "--model", "mlp:64-32-32-10", "--input-norm", "standardize",
+        "--batch-size", "50", "--steps", "40", "--eval-every", "20", "--no-progress", "--out", str(tmp_path),
+    ]  # fmt: skip
+    code, _, err = run_cli(argv, capsys)
+    assert code == 130
+    assert "Traceback" not in err
+    assert err == (
+        f"batchnorm: interrupted in the bn run at step 30; last checkpoint {tmp_path / 'bn' / 'checkpoint.pt'} "
+        f"(step 30); finished runs are kept in {tmp_path}; resume with the same command: "
+        f"{shlex.join(['batchnorm', *argv])}\n"
+    )

@@ -12,6 +12,7 @@ import json
 import math
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -25,6 +26,7 @@ import torch
 from torch import nn
 
 import batchnorm
+from batchnorm.lab import training
 from batchnorm.lab.data import load_dataset
 from batchnorm.lab.models import build_model
 from batchnorm.lab.training import (
@@ -34,6 +36,7 @@ from batchnorm.lab.training import (
     TrainConfig,
     load_checkpoint,
     model_from_checkpoint,
+    resume_changes,
     train,
 )
 from helpers import run_cli
@@ -592,3 +595,203 @@ def test_every_norm_trains_and_resumes_bit_identically_from_its_checkpoint(tmp_p
     path = tmp_path / "split" / "checkpoint.pt"
     train(config, tmp_path / "split", resume=path, progress=False)
     _assert_equal_states(_state(tmp_path / "whole" / "checkpoint.pt"), _state(path))
+
+
+# --------------------------------------------------------------------------- never lose work: Ctrl-C, changed options
+
+
+TRAIN_OPTIONS = [
+    "train", "--data", "synthetic", "--model", "mlp:64-32-32-10", "--input-norm", "standardize",
+    "--lr", "0.1", "--momentum", "0.9", "--batch-size", "30", "--seed", "2",
+    "--steps", "200", "--eval-every", "25", "--checkpoint-every", "40", "--no-progress",
+]  # fmt: skip
+
+
+def _lines_without_speed(path: Path) -> list[dict[str, Any]]:
+    lines = _metrics(path)
+    for line in lines:
+        line.pop("steps_per_s", None)
+    return lines
+
+
+def _press_ctrl_c(monkeypatch: pytest.MonkeyPatch, at_batches: dict[int, int]) -> None:
+    """Deliver SIGINT to this process (Ctrl-C) while drawing the given batches: {batch number: times}."""
+    original = training.BatchSampler.next
+    drawn = [0]
+
+    def next_batch(self: Any) -> torch.Tensor:
+        drawn[0] += 1
+        for _ in range(at_batches.get(drawn[0], 0)):
+            signal.raise_signal(signal.SIGINT)
+        return original(self)
+
+    monkeypatch.setattr(training.BatchSampler, "next", next_batch)
+
+
+def test_ctrl_c_saves_a_checkpoint_says_how_to_resume_and_the_resumed_run_is_bit_identical(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    code, _, err = run_cli([*TRAIN_OPTIONS, "--out", str(tmp_path / "whole")], capsys)
+    assert code == 0, err
+
+    with monkeypatch.context() as patch:
+        _press_ctrl_c(patch, {137: 1})  # mid-way between an evaluation (125) and a checkpoint (160)
+        code, out, err = run_cli([*TRAIN_OPTIONS, "--out", str(tmp_path / "split")], capsys)
+    assert code == 130
+    assert "Traceback" not in err
+    assert "done:" not in out
+    assert len(err.strip().splitlines()) == 1, err
+    checkpoint = tmp_path / "split" / "checkpoint.pt"
+    match = re.fullmatch(
+        r"batchnorm: interrupted at step 137; last checkpoint (\S+) \(step 137\); resume with: (.+)\n", err
+    )
+    assert match, err
+    assert Path(match[1]) == checkpoint
+    assert match[2] == shlex.join(["batchnorm", "train", "--resume", str(checkpoint), "--out", str(tmp_path / "split")])
+    assert load_checkpoint(checkpoint)["step"] == 137  # the state at the interrupt, not the last periodic save
+
+    code, out, err = run_cli([*shlex.split(match[2])[1:], "--no-progress"], capsys)
+    assert code == 0, err
+    assert "done: 200 steps" in out
+    _assert_equal_states(_state(tmp_path / "whole" / "checkpoint.pt"), _state(checkpoint))
+    # Every metric, the training loss averaged across the interrupt included, is the uninterrupted run's.
+    assert _lines_without_speed(checkpoint.parent / "metrics.jsonl") == _lines_without_speed(
+        tmp_path / "whole" / "metrics.jsonl"
+    )
+
+
+def test_a_second_ctrl_c_stops_at_once_and_keeps_the_previous_checkpoint(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with monkeypatch.context() as patch:
+        _press_ctrl_c(patch, {97: 2})
+        code, _, err = run_cli([*TRAIN_OPTIONS, "--out", str(tmp_path)], capsys)
+    assert code == 130
+    assert re.fullmatch(r"batchnorm: interrupted at step 96; last checkpoint \S+ \(step 80\); resume with: .+\n", err)
+    assert load_checkpoint(tmp_path / "checkpoint.pt")["step"] == 80
+
+
+def test_ctrl_c_before_training_names_the_existing_checkpoint(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    short = [*TRAIN_OPTIONS[:-5], "--steps", "20", "--eval-every", "10", "--no-progress", "--out", str(tmp_path)]
+    assert run_cli(short, capsys)[0] == 0
+
+    def interrupted(*args: Any, **kwargs: Any) -> Any:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("batchnorm.cli.train.train", interrupted)
+    code, _, err = run_cli(["train", "--resume", str(tmp_path / "checkpoint.pt"), "--out", str(tmp_path)], capsys)
+    assert code == 130
+    assert err == (
+        f"batchnorm: interrupted before training started; last checkpoint {tmp_path / 'checkpoint.pt'} (step 20); "
+        f"resume with: batchnorm train --resume {tmp_path / 'checkpoint.pt'} --out {tmp_path}\n"
+    )
+
+
+def test_diverged_run_keeps_its_metrics_and_resumed_with_a_lower_lr_equals_a_fresh_run_with_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    options = [
+        "train", "--data", "synthetic", "--model", "mlp:64-32-32-10", "--norm", "none", "--init", "normal:0.1",
+        "--steps", "60", "--eval-every", "1", "--checkpoint-every", "1000", "--no-progress",
+    ]  # fmt: skip
+    diverged = tmp_path / "diverged"
+    code, _, err = run_cli([*options, "--lr", "1e6", "--out", str(diverged)], capsys)
+    assert code == 3, err
+    lines = _metrics(diverged / "metrics.jsonl")
+    match = re.search(r"training diverged at step (\d+)", err)
+    assert match, err
+    # Every evaluation before the divergence, then one line saying where and why it stopped.
+    assert [line["step"] for line in lines] == [*range(1, int(match[1])), int(match[1])]
+    assert lines[-1]["diverged"] == err.removeprefix("batchnorm: ").strip()
+    assert all("test_accuracy" in line for line in lines[:-1])
+
+    # The kept checkpoint is the initial state (step 0): resumed with a sane learning rate, it must train exactly
+    # as a fresh run with that learning rate does.
+    checkpoint = diverged / "checkpoint.pt"
+    code, out, err = run_cli(["train", "--resume", str(checkpoint), "--out", str(diverged), "--lr", "0.1"], capsys)
+    assert code == 0, err
+    assert out.splitlines()[0] == "resuming with lr 0.1 (checkpoint had 1e+06)"
+    fresh = tmp_path / "fresh"
+    code, _, err = run_cli([*options, "--lr", "0.1", "--out", str(fresh)], capsys)
+    assert code == 0, err
+    _assert_equal_states(_state(fresh / "checkpoint.pt"), _state(checkpoint))
+    assert load_checkpoint(checkpoint)["config"]["lr"] == 0.1  # the next resume keeps the new rate
+    assert _lines_without_speed(checkpoint.parent / "metrics.jsonl") == _lines_without_speed(fresh / "metrics.jsonl")
+
+
+def test_resume_applies_changed_optimizer_options_and_refuses_data_and_batch_changes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    short = [*TRAIN_OPTIONS[:-5], "--steps", "40", "--eval-every", "20", "--no-progress", "--out", str(tmp_path)]
+    assert run_cli(short, capsys)[0] == 0
+    checkpoint = tmp_path / "checkpoint.pt"
+    before = checkpoint.read_bytes()
+    resume = ["train", "--resume", str(checkpoint), "--out", str(tmp_path), "--no-progress"]
+    for option, value, message in (
+        ("--batch-size", "10", "--batch-size 10 differs from the checkpoint's 30"),
+        ("--seed", "3", "--seed 3 differs from the checkpoint's 2"),
+        ("--data", "digits", "--data digits differs from the checkpoint's synthetic"),
+        ("--val-fraction", "0.2", "--val-fraction 0.2 differs from the checkpoint's 0.1"),
+    ):
+        code, out, err = run_cli([*resume, "--steps", "60", option, value], capsys)
+        assert code == 2, err
+        assert err.startswith(f"batchnorm: error: {message}: a resumed run keeps its data, batches and network"), err
+        assert len(err.strip().splitlines()) == 1
+        assert checkpoint.read_bytes() == before
+
+    # The same values given again change nothing and say nothing.
+    code, out, err = run_cli([*resume, "--steps", "50", "--batch-size", "30", "--lr", "0.1", "--seed", "2"], capsys)
+    assert code == 0, err
+    assert out.startswith("done: 50 steps")
+    code, out, err = run_cli(
+        [*resume, "--steps", "60", "--lr", "0.05", "--momentum", "0.5", "--weight-decay", "0.001", "--no-guard"],
+        capsys,
+    )
+    assert code == 0, err
+    assert out.splitlines()[:4] == [
+        "resuming with lr 0.05 (checkpoint had 0.1)",
+        "resuming with momentum 0.5 (checkpoint had 0.9)",
+        "resuming with weight decay 0.001 (checkpoint had 0)",
+        "resuming with the divergence guard off (checkpoint had it on)",
+    ]
+    payload = load_checkpoint(checkpoint)
+    assert payload["step"] == 60
+    assert (payload["config"]["lr"], payload["config"]["momentum"], payload["config"]["weight_decay"]) == (
+        0.05,
+        0.5,
+        0.001,
+    )
+    assert payload["config"]["guard"] is False
+    group = payload["optimizer"]["param_groups"][0]
+    assert (group["lr"], group["momentum"], group["weight_decay"]) == (0.05, 0.5, 0.001)
+
+
+def test_resuming_a_finished_run_says_there_is_nothing_to_do(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    short = [*TRAIN_OPTIONS[:-5], "--steps", "40", "--eval-every", "20", "--no-progress", "--out", str(tmp_path)]
+    assert run_cli(short, capsys)[0] == 0
+    checkpoint, metrics = tmp_path / "checkpoint.pt", tmp_path / "metrics.jsonl"
+    before = checkpoint.read_bytes(), metrics.read_bytes()
+    last = _metrics(metrics)[-1]
+    for extra in ([], ["--steps", "30"]):
+        code, out, err = run_cli(["train", "--resume", str(checkpoint), "--out", str(tmp_path), *extra], capsys)
+        assert code == 0, err
+        assert out.startswith(
+            f"nothing to do: run finished at step 40{' (--steps 30 is not beyond it)' if extra else ''}; "
+            f"validation accuracy {last['val_accuracy']:.4f}, test accuracy {last['test_accuracy']:.4f}; "
+        ), out
+        assert "nan" not in out
+        assert (checkpoint.read_bytes(), metrics.read_bytes()) == before
+
+
+def test_resume_changes_lists_applied_settings_and_refuses_the_others() -> None:
+    stored = dataclasses.replace(SMALL, lr=0.5)
+    config, notes = resume_changes(stored, {"lr": 0.1, "eval_every": 10, "batch_size": 30, "steps": 999})
+    assert (config.lr, config.eval_every, config.batch_size, config.steps) == (0.1, 10, 30, SMALL.steps)
+    assert notes == ["resuming with lr 0.1 (checkpoint had 0.5)", "resuming with eval every 10 (checkpoint had 50)"]
+    assert resume_changes(stored, {"model": "mlp:64-32-32-10"}) == (stored, [])  # the same spec, spelled alike
+    with pytest.raises(CheckpointError, match=r"--input-norm minmax differs from the checkpoint's standardize"):
+        resume_changes(stored, {"input_norm": "minmax"})

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import signal
 import sqlite3
 import subprocess
@@ -23,6 +24,7 @@ from typing import Any
 import pytest
 
 from batchnorm.cli import main
+from batchnorm.lab import training
 from batchnorm.lab.data import load_dataset
 from batchnorm.lab.training import TrainConfig, train
 from batchnorm.lab.tune import FINISHED_STATES, parse_grid
@@ -297,3 +299,58 @@ def test_tune_refuses_no_validation_split(tmp_path: Path, capsys: pytest.Capture
     assert err.strip() == (
         "batchnorm: error: tune selects on the validation split: --val-fraction must be > 0 (default 0.1)"
     )
+
+
+# --------------------------------------------------------------------------- Ctrl-C
+
+
+def test_ctrl_c_in_a_trial_and_in_the_full_run_is_one_line_and_the_rerun_finishes_as_an_uninterrupted_search(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    options = ["--grid", "lr=0.05,0.5", "--trial-steps", "40", "--steps", "60", "--eval-every", "20"]
+    assert _tune(tmp_path / "whole", *options) == 0
+    capsys.readouterr()
+    original = training.BatchSampler.next
+    drawn = [0]
+
+    def next_batch(self: Any) -> Any:
+        drawn[0] += 1
+        # Trial 0 draws batches 1-40; trial 1 is interrupted at its step 10; after the rerun retrains trial 1
+        # (batches 51-90), the full run is interrupted at its step 40.
+        if drawn[0] in (50, 130):
+            signal.raise_signal(signal.SIGINT)
+        return original(self)
+
+    monkeypatch.setattr(training.BatchSampler, "next", next_batch)
+    out = tmp_path / "split"
+    command = f"batchnorm tune {' '.join(SMALL)} --out {out} {' '.join(options)}"
+    assert _tune(out, *options) == 130
+    err = capsys.readouterr().err
+    assert err == (
+        "batchnorm: interrupted in trial 1 (lr=0.05) at step 10; that trial starts again on resume; finished trials "
+        f"are kept in {out / 'study.db'}; resume with the same command: {command}\n"
+    )
+    assert _tune(out, *options) == 130
+    err = capsys.readouterr().err
+    assert err == (
+        f"batchnorm: interrupted in the full run at step 40; last checkpoint {out / 'final' / 'checkpoint.pt'} "
+        f"(step 40); the grid search is finished and kept in {out / 'study.db'}; resume with the same command: "
+        f"{command}\n"
+    )
+    assert _tune(out, *options) == 0
+    whole, split = _load(tmp_path / "whole"), _load(out)
+    assert [trial["state"] for trial in split["trials"]] == ["complete", "interrupted", "complete"]
+    assert _finished_per_point(split) == _finished_per_point(whole)
+
+    def values(results: dict[str, Any]) -> dict[str, Any]:
+        return {
+            trial["params"]["lr"]: (trial["value"], trial["val_loss"], trial["train_loss"])
+            for trial in results["trials"]
+            if trial["state"] == "complete"
+        }
+
+    assert values(split) == values(whole)
+    for key in ("val_accuracy", "val_loss", "test_accuracy", "test_loss", "train_loss"):
+        assert split["final"][key] == whole["final"][key], key
+    assert split["final"]["resumed_from"] == str(out / "final" / "checkpoint.pt")
+    assert re.search(r"interrupted", (out / "tune.json").read_text())
