@@ -557,6 +557,21 @@ def test_outside_a_process_group_it_is_batchnorm() -> None:
         assert torch.equal(ours, plain)
 
 
+@pytest.mark.parametrize("training", [True, False])
+def test_the_functional_form_outside_a_group_is_torch_s_batch_norm(training: bool) -> None:
+    from batchnorm.nn.sync import sync_batch_norm
+
+    x = torch.randn(5, 7, 3, dtype=torch.float64)
+    mean, var = torch.randn(3, dtype=torch.float64), torch.rand(3, dtype=torch.float64) + 0.5
+    ours = (mean.clone(), var.clone())
+    theirs = (mean.clone(), var.clone())
+    y = sync_batch_norm(x, *ours, training=training, momentum=0.3, axis=-1)
+    expected = nn.functional.batch_norm(x.movedim(-1, 1), *theirs, training=training, momentum=0.3).movedim(1, -1)
+    _assert_close(y, expected)
+    _assert_close(ours[0], theirs[0])
+    _assert_close(ours[1], theirs[1])
+
+
 def test_a_group_of_one_is_batchnorm(tmp_path: Path) -> None:
     import torch.distributed as dist
 
