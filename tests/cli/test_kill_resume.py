@@ -301,3 +301,22 @@ def test_killed_four_times_and_resumed_ends_bit_identical(context: Any, tmp_path
 def test_killed_twenty_times_in_a_row_and_resumed_ends_bit_identical(context: Any, tmp_path: Path, verb: str) -> None:
     VERBS[verb](context, tmp_path, kills=20, seed=1234)
     shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+def test_experiment_ctrl_c_says_it_starts_over_with_the_same_command(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The named experiments keep their runs in memory: Ctrl-C says so and gives the command, in one line."""
+
+    def interrupted(*args: Any, **kwargs: Any) -> Any:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("batchnorm.cli.experiment.run_experiment", interrupted)
+    argv = ["experiment", "lr-sweep", "--seeds", "1", "--out", str(tmp_path / "x y")]
+    assert main(argv) == 130
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err == (
+        "batchnorm: interrupted; experiment lr-sweep keeps no partial runs, so the same command starts it over: "
+        f"batchnorm experiment lr-sweep --seeds 1 --out '{tmp_path / 'x y'}'\n"
+    )
