@@ -22,7 +22,8 @@ from torch import nn
 from batchnorm import BatchNorm2d
 from batchnorm.lab import report, tune
 from batchnorm.lab.explain import explain
-from batchnorm.lab.report import bn_table, detect_kind, rebuild_report, summary_rows, write_report
+from batchnorm.lab.rebuild import detect_kind, rebuild_report
+from batchnorm.lab.report import bn_table, summary_rows, write_report
 
 
 def _fake_compare(act: str = "relu") -> dict[str, Any]:

@@ -1,6 +1,6 @@
 """``batchnorm report DIR``: rebuild the figures and report.html of a train, compare, tune or experiment folder.
 
-The kind of folder is recognized from its files (:func:`batchnorm.lab.report.detect_kind`).
+The kind of folder is recognized from its files (:func:`batchnorm.lab.rebuild.detect_kind`).
 """
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 
 from batchnorm.cli.argtypes import existing_dir
-from batchnorm.lab.report import rebuild_report
+from batchnorm.lab.rebuild import rebuild_report
 
 __all__ = ["configure_parser", "run"]
 

@@ -1,4 +1,4 @@
-"""The self-contained ``report.html`` pages of ``train``, ``compare`` and ``tune`` runs, and their shared parts.
+"""The self-contained ``report.html`` pages of ``train`` and ``compare`` runs, and the parts every page shares.
 
 Every page is one static HTML file: figures are PNGs embedded as base64
 (drawn with :mod:`batchnorm.lab.figures`, a caption under each, every axis
@@ -12,16 +12,13 @@ page can be mailed or opened offline.
 * :func:`write_train_report`: a ``train`` folder (``train.png`` from
   ``metrics.jsonl``, the last evaluation, the BN layers of the checkpoint, the
   settings);
-* :func:`write_tune_page`: a ``tune`` folder (the trials table, the heatmaps,
-  the best setting and its full run);
-* :func:`rebuild_report`: ``batchnorm report DIR`` - recognizes the folder
-  from its files (``results.json`` of compare or of an experiment,
-  ``tune.json``, ``metrics.jsonl``/``checkpoint.pt`` of train) and rebuilds
-  its page.
+* the page helpers (:func:`html_table`, :func:`settings_table`, the page frame
+  and figures) that :mod:`batchnorm.lab.tune` and the experiments build their
+  pages with; :mod:`batchnorm.lab.rebuild` recognizes a run folder and
+  rebuilds its page (``batchnorm report DIR``).
 
 :func:`format_summary` is the comparison table ``compare`` prints. This module
-never imports the experiments at import time: they call it (the rebuilders
-import them inside the functions).
+imports neither tune nor the experiments: they import it.
 """
 
 from __future__ import annotations
@@ -41,16 +38,13 @@ __all__ = [
     "FORMULAS_HTML",
     "PAGE_STYLE",
     "bn_table",
-    "detect_kind",
     "format_summary",
     "html_table",
     "load_results",
-    "rebuild_report",
     "settings_table",
     "summary_rows",
     "write_report",
     "write_train_report",
-    "write_tune_page",
 ]
 
 COLORS = {"no_bn": "#d62728", "bn": "#1f77b4"}
@@ -611,144 +605,3 @@ def write_train_report(run_dir: str | Path) -> Path:
     path = out / "report.html"
     path.write_text(_page("batchnorm train: one run", body), encoding="utf-8")
     return path
-
-
-# --------------------------------------------------------------------------- tune
-
-
-def write_tune_page(out_dir: str | Path, results: dict[str, Any], heatmaps: Sequence[Path]) -> Path:
-    """``report.html`` of a ``tune`` folder: the grid, the trials as a table, the heatmaps, the best setting."""
-    from batchnorm.lab.tune import _format_value as grid_value
-    from batchnorm.lab.tune import format_params, option_name, results_table
-
-    out = Path(out_dir)
-    grid: dict[str, list[Any]] = results["grid"]
-    rows = results_table(results["trials"])
-    best_number = (results.get("best_trial") or {}).get("number")
-    table: list[list[Any]] = [
-        ["trial", *[option_name(name) for name in grid], "state", "validation accuracy", "validation loss"]
-    ]
-    best_index = None
-    for index, row in enumerate(rows):
-        if row.get("number") == best_number:
-            best_index = index
-        table.append(
-            [
-                str(row.get("number", "")),
-                *[grid_value(row["params"].get(name)) for name in grid],
-                str(row.get("state", "")),
-                row.get("value"),
-                row.get("val_loss"),
-            ]
-        )
-    figures = "".join(
-        _figure(
-            Path(path),
-            f"Final validation accuracy of the {results['trial_steps']}-step trials, the number in each cell; the "
-            "colour scale spans the lowest to the highest accuracy reached (see the colour bar), so close cells "
-            "still differ. Each cell shows the best over the grid options not on its axes, 'k/m div' when k of "
-            "its m trials diverged; hatched cells diverged entirely (stopped by the divergence guard).",
-        )
-        for path in heatmaps
-    )
-    grid_rows: list[list[Any]] = [["option", "values"]]
-    grid_rows += [[option_name(name), ", ".join(grid_value(v) for v in values)] for name, values in grid.items()]
-    best = results.get("best")
-    final = results.get("final")
-    final_html = "<p>No full run (--no-final, or the search is unfinished).</p>"
-    if isinstance(final, dict):
-        final_html = settings_table(
-            {k: v for k, v in final.items() if not isinstance(v, (list, dict))}
-            | {"params": format_params(final.get("params") or {})},
-            ("quantity", "value"),
-        )
-    base_settings = {key: value for key, value in (results.get("base") or {}).items() if key not in grid}
-    body = f"""<h1>Hyperparameter grid search</h1>
-<section id="tune">
-<p>Each point trained for {html.escape(str(results["trial_steps"]))} steps from the same seed, init and batches
-(Optuna's grid sampler, study <code>{html.escape(str(results.get("study", "")))}</code>). Trials are ranked by their
-accuracy on the validation split (held out of the training split; the trials never see the test split); the full
-run of the best setting reports the test split once. Runs stopped by the divergence guard are listed as
-diverged.</p>
-<h2>Grid search: the options tried</h2>
-{html_table(grid_rows)}
-<h2>Trials (best first)</h2>
-{html_table(table, highlight=best_index)}
-<h2>Figures</h2>
-{figures or "<p>No grid option varies over two or more values: no heatmap.</p>"}
-<h2>Best setting and full run</h2>
-<p>Best: {html.escape(format_params(best) if best else "none (every trial diverged or failed)")}.</p>
-{final_html}
-<h2>Base settings (every trial; the full run uses --steps)</h2>
-{settings_table(base_settings)}
-</section>"""
-    path = out / "report.html"
-    path.write_text(_page("batchnorm tune: grid search", body), encoding="utf-8")
-    return path
-
-
-# --------------------------------------------------------------------------- batchnorm report DIR
-
-REPORT_KINDS = ("compare", "experiment", "tune", "train")
-
-
-def detect_kind(run_dir: str | Path) -> str:
-    """Which verb wrote ``run_dir``, from its files: ``compare``, ``experiment``, ``tune`` or ``train``.
-
-    ``results.json`` with ``runs`` is a compare, with ``experiment`` an
-    experiment; ``tune.json`` a tune; ``metrics.jsonl`` or ``checkpoint.pt`` a
-    train run. ``ValueError`` otherwise (one line naming what was looked for).
-    """
-    folder = Path(run_dir)
-    results_path = folder / "results.json"
-    if results_path.is_file():
-        results = _read_json(results_path)
-        if "runs" in results:
-            return "compare"
-        if "experiment" in results:
-            return "experiment"
-        raise ValueError(
-            f"{results_path} is not a compare results file (no 'runs') nor an experiment's (no 'experiment')"
-        )
-    if (folder / "tune.json").is_file():
-        return "tune"
-    if (folder / "metrics.jsonl").is_file() or (folder / "checkpoint.pt").is_file():
-        return "train"
-    raise ValueError(
-        f"{results_path} does not exist, nor tune.json, metrics.jsonl or checkpoint.pt: expected a folder written "
-        "by `batchnorm train`, `compare`, `tune` or `experiment`"
-    )
-
-
-def rebuild_report(run_dir: str | Path) -> tuple[str, Path]:
-    """Rebuild the figures and ``report.html`` of a run folder (:func:`detect_kind`); returns (kind, page)."""
-    folder = Path(run_dir)
-    kind = detect_kind(folder)
-    if kind == "compare":
-        return kind, write_report(folder, load_results(folder))
-    if kind == "experiment":
-        from batchnorm.lab.studies import eval_stats, lr_sweep, small_batch
-
-        results = _read_json(folder / "results.json")
-        writers = {
-            "lr-sweep": lr_sweep.write_report,
-            "small-batch": small_batch.write_report,
-            "eval-stats": eval_stats.write_report,
-        }
-        name = results.get("experiment")
-        if name not in writers:
-            raise ValueError(f"{folder / 'results.json'}: unknown experiment {name!r}")
-        try:
-            return kind, writers[str(name)](folder, results)
-        except (KeyError, TypeError, IndexError) as error:
-            raise ValueError(f"{folder / 'results.json'} is incomplete ({type(error).__name__}: {error})") from None
-    if kind == "tune":
-        from batchnorm.lab.tune import draw_heatmaps
-
-        results = _read_json(folder / "tune.json")
-        try:
-            heatmaps = draw_heatmaps(results["trials"], results["grid"], folder, results["trial_steps"])
-            return kind, write_tune_page(folder, results, heatmaps)
-        except (KeyError, TypeError, IndexError) as error:
-            raise ValueError(f"{folder / 'tune.json'} is incomplete ({type(error).__name__}: {error})") from None
-    return kind, write_train_report(folder)

@@ -65,6 +65,7 @@ import dataclasses
 import datetime
 import fcntl
 import hashlib
+import html
 import itertools
 import json
 import math
@@ -88,6 +89,7 @@ from torch import nn
 from batchnorm.lab.data import INPUT_NORMS, Dataset, load_dataset, split_validation
 from batchnorm.lab.figures import pyplot
 from batchnorm.lab.models import ACTIVATIONS, NORMS, PLACEMENTS, parse_init
+from batchnorm.lab.report import _figure, _page, html_table, settings_table
 from batchnorm.lab.training import (
     DivergenceError,
     TrainConfig,
@@ -814,11 +816,74 @@ def draw_heatmaps(records: list[dict[str, Any]], grid: Grid, out: Path, trial_st
     return paths
 
 
-def write_tune_report(out: Path, results: dict[str, Any], heatmaps: list[Path]) -> Path:
-    """``report.html``: the grid, the sorted table, the heatmaps, the best setting and the full run."""
-    from batchnorm.lab.report import write_tune_page
+def write_tune_report(out_dir: str | Path, results: dict[str, Any], heatmaps: Sequence[Path]) -> Path:
+    """``report.html`` of a ``tune`` folder: the grid, the trials as a table, the heatmaps, the best setting."""
+    grid_value = _format_value
 
-    return write_tune_page(out, results, heatmaps)
+    out = Path(out_dir)
+    grid: dict[str, list[Any]] = results["grid"]
+    rows = results_table(results["trials"])
+    best_number = (results.get("best_trial") or {}).get("number")
+    table: list[list[Any]] = [
+        ["trial", *[option_name(name) for name in grid], "state", "validation accuracy", "validation loss"]
+    ]
+    best_index = None
+    for index, row in enumerate(rows):
+        if row.get("number") == best_number:
+            best_index = index
+        table.append(
+            [
+                str(row.get("number", "")),
+                *[grid_value(row["params"].get(name)) for name in grid],
+                str(row.get("state", "")),
+                row.get("value"),
+                row.get("val_loss"),
+            ]
+        )
+    figures = "".join(
+        _figure(
+            Path(path),
+            f"Final validation accuracy of the {results['trial_steps']}-step trials, the number in each cell; the "
+            "colour scale spans the lowest to the highest accuracy reached (see the colour bar), so close cells "
+            "still differ. Each cell shows the best over the grid options not on its axes, 'k/m div' when k of "
+            "its m trials diverged; hatched cells diverged entirely (stopped by the divergence guard).",
+        )
+        for path in heatmaps
+    )
+    grid_rows: list[list[Any]] = [["option", "values"]]
+    grid_rows += [[option_name(name), ", ".join(grid_value(v) for v in values)] for name, values in grid.items()]
+    best = results.get("best")
+    final = results.get("final")
+    final_html = "<p>No full run (--no-final, or the search is unfinished).</p>"
+    if isinstance(final, dict):
+        final_html = settings_table(
+            {k: v for k, v in final.items() if not isinstance(v, (list, dict))}
+            | {"params": format_params(final.get("params") or {})},
+            ("quantity", "value"),
+        )
+    base_settings = {key: value for key, value in (results.get("base") or {}).items() if key not in grid}
+    body = f"""<h1>Hyperparameter grid search</h1>
+<section id="tune">
+<p>Each point trained for {html.escape(str(results["trial_steps"]))} steps from the same seed, init and batches
+(Optuna's grid sampler, study <code>{html.escape(str(results.get("study", "")))}</code>). Trials are ranked by their
+accuracy on the validation split (held out of the training split; the trials never see the test split); the full
+run of the best setting reports the test split once. Runs stopped by the divergence guard are listed as
+diverged.</p>
+<h2>Grid search: the options tried</h2>
+{html_table(grid_rows)}
+<h2>Trials (best first)</h2>
+{html_table(table, highlight=best_index)}
+<h2>Figures</h2>
+{figures or "<p>No grid option varies over two or more values: no heatmap.</p>"}
+<h2>Best setting and full run</h2>
+<p>Best: {html.escape(format_params(best) if best else "none (every trial diverged or failed)")}.</p>
+{final_html}
+<h2>Base settings (every trial; the full run uses --steps)</h2>
+{settings_table(base_settings)}
+</section>"""
+    path = out / "report.html"
+    path.write_text(_page("batchnorm tune: grid search", body), encoding="utf-8")
+    return path
 
 
 def _write_json(path: Path, content: dict[str, Any]) -> None:
