@@ -232,6 +232,8 @@ def check_model_size(text: str, batch_size: int = 1) -> None:
     from batchnorm.lab.models import parse_spec
 
     spec = parse_spec(text)
+    if spec.kind == "file":
+        return  # the user's own network: its size is what their factory builds
     parameters, activations = _spec_footprint(spec.kind, spec.widths)
     if parameters > MAX_PARAMETERS:
         raise ValueError(

@@ -55,9 +55,8 @@ batch and (for training) checks the output is ``(N, classes)`` logits. The
 factory builds the whole network, so ``--act``, ``--norm``, ``--placement``
 and ``--init`` do not apply to it (torch's default init, seeded by
 ``--seed``). Its :class:`ModelSpec` has ``kind="file"``; its number of
-outputs is unknown until a forward pass, so ``widths`` is a placeholder
-``(0, FACTORY_OUTPUTS)`` that defers the spec-level class check to
-:func:`check_forward`.
+outputs is unknown until a forward pass, so ``widths`` is ``(0, 0)`` (unknown)
+and the class check is :func:`check_forward`'s.
 
 With ``placement="before"`` every normalization layer (any of the above) is
 followed by its own per-feature beta, so the Linear/Conv before it has no
@@ -151,15 +150,12 @@ class NormOptions:
     renorm_warmup: int = DEFAULT_RENORM_WARMUP
 
 
-FACTORY_OUTPUTS = 2**31 - 1  # the placeholder output width of a factory spec (checked by a forward pass)
-
-
 @dataclass(frozen=True)
 class ModelSpec:
     """A parsed spec: ``kind`` is ``"mlp"``, ``"cnn"`` or ``"file"``; ``widths`` runs from input to classes.
 
     ``source`` is the ``PATH.py:FACTORY`` text of a ``"file"`` spec (its
-    widths are the placeholder ``(0, FACTORY_OUTPUTS)``).
+    widths are ``(0, 0)``: unknown until a forward pass).
     """
 
     kind: str
@@ -280,7 +276,7 @@ def parse_spec(text: str) -> ModelSpec:
     """
     if is_factory_spec(text):
         _split_factory(text)
-        return ModelSpec("file", (0, FACTORY_OUTPUTS), text)
+        return ModelSpec("file", (0, 0), text)
     kind, separator, rest = text.partition(":")
     kind = kind.strip().lower()
     if not separator or kind not in ("mlp", "cnn"):

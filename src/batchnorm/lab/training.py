@@ -666,9 +666,14 @@ def train(
             f"{data.input_features} ({data.image_size}x{data.image_size})"
         )
     if spec.kind == "cnn" and spec.widths[0] != data.train_images.shape[1]:
-        raise ValueError(f"model spec {config.model} expects {spec.widths[0]} input channels, data has 1")
-    if spec.widths[-1] < data.num_classes:
-        raise ValueError(f"model spec {config.model} has {spec.widths[-1]} outputs but {data.name} has 10 classes")
+        raise ValueError(
+            f"model spec {config.model} expects {spec.widths[0]} input channels, data has {data.train_images.shape[1]}"
+        )
+    # A factory's outputs are checked by a forward pass (lab.models.check_forward) instead.
+    if spec.kind != "file" and spec.widths[-1] < data.num_classes:
+        raise ValueError(
+            f"model spec {config.model} has {spec.widths[-1]} outputs but {data.name} has {data.num_classes} classes"
+        )
 
     torch.manual_seed(config.seed)
     model: nn.Module = build_model(
