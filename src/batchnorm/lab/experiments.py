@@ -53,6 +53,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -475,7 +476,7 @@ def compare(
     return results
 
 
-def spread(values: list[float | int | None]) -> dict[str, Any]:
+def spread(values: Iterable[float | int | None]) -> dict[str, Any]:
     """Mean, sample std (``ddof=1``; None for fewer than 2), min, max and count of the values that are not None."""
     finite = [float(v) for v in values if v is not None and math.isfinite(float(v))]
     if not finite:

@@ -31,11 +31,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from torch import Tensor, nn
 
 from batchnorm.lab.data import Dataset, InputNormalizer, split_validation
-from batchnorm.lab.figures import embed_png
+from batchnorm.lab.experiments import spread
+from batchnorm.lab.report import _figure, _page, html_table, settings_table
 from batchnorm.lab.training import DivergenceError, TrainConfig, TrainResult, evaluate, train
 
 __all__ = [
@@ -52,21 +52,6 @@ __all__ = [
     "write_json",
     "write_page",
 ]
-
-
-def spread(values: Iterable[float | int | None]) -> dict[str, Any]:
-    """Mean, sample std (``ddof=1``; None for fewer than 2 values), min, max and count of the finite values."""
-    finite = [float(v) for v in values if v is not None and math.isfinite(float(v))]
-    if not finite:
-        return {"mean": None, "std": None, "min": None, "max": None, "n": 0}
-    array = np.asarray(finite, dtype=np.float64)
-    return {
-        "mean": float(array.mean()),
-        "std": float(array.std(ddof=1)) if len(array) > 1 else None,
-        "min": float(array.min()),
-        "max": float(array.max()),
-        "n": len(finite),
-    }
 
 
 def fmt_spread(stats: dict[str, Any] | None, digits: int = 3) -> str:
@@ -229,21 +214,6 @@ def text_table(rows: list[list[str]]) -> str:
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows)
 
 
-def html_table(rows: list[list[str]]) -> str:
-    head = "".join(f"<th>{html.escape(cell)}</th>" for cell in rows[0])
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(cell)}</td>" for cell in row) + "</tr>" for row in rows[1:])
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
-
-
-# The look of batchnorm.lab.report's page, so every report of the project reads alike.
-PAGE_STYLE = """
-body { font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto; color: #222; }
-img { max-width: 100%; } figure { margin: 1.5em 0; } figcaption { color: #555; }
-table { border-collapse: collapse; } td, th { border: 1px solid #ccc; padding: 0.25em 0.6em; }
-pre { background: #f6f6f6; padding: 1em; white-space: pre-wrap; }
-"""
-
-
 def write_page(
     out: Path,
     title: str,
@@ -256,14 +226,8 @@ def write_page(
 ) -> Path:
     """``report.html``: setup, findings (plain sentences), the table, the figures (embedded) with captions."""
     findings_html = "".join(f"<li>{html.escape(line)}</li>" for line in findings)
-    figures_html = "".join(
-        f"<figure>{embed_png(out / name)}<figcaption>{html.escape(caption)}</figcaption></figure>"
-        for name, caption in figures
-    )
-    page = f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>batchnorm experiment: {html.escape(title)}</title>
-<style>{PAGE_STYLE}</style></head><body>
-<section>
+    figures_html = "".join(_figure(out / name, caption) for name, caption in figures)
+    body = f"""<section>
 <h1>{html.escape(title)}</h1>
 <p>{html.escape(setup)}</p>
 <h2>What the data shows</h2><ul>{findings_html}</ul>
@@ -271,11 +235,11 @@ def write_page(
 <h2>Figures</h2>
 {figures_html}
 <h2>Definitions</h2>
-<pre>{html.escape(json.dumps(definitions, indent=2))}</pre>
-<h2>Configuration</h2><pre>{html.escape(json.dumps(config, indent=2))}</pre>
-</section>
-</body></html>
-"""
+{settings_table(definitions, ("term", "meaning"))}
+<h2>Configuration</h2>
+{settings_table(config)}
+</section>"""
+    page = _page(f"batchnorm experiment: {title}", body)
     path = out / "report.html"
     path.write_text(page, encoding="utf-8")
     return path
