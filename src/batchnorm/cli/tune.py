@@ -24,7 +24,9 @@ from batchnorm.lab.training import EXIT_DIVERGED, TrainConfig, TrainingInterrupt
 from batchnorm.lab.tune import (
     DEFAULT_TRIAL_STEPS,
     FINISHED_STATES,
+    GRACE_SECONDS,
     GRID_OPTIONS,
+    HEARTBEAT_SECONDS,
     TuneInterrupted,
     WorkerError,
     format_params,
@@ -32,6 +34,7 @@ from batchnorm.lab.tune import (
     option_name,
     parse_grid,
     results_table,
+    safe_url,
     tune,
 )
 
@@ -82,7 +85,24 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         "--storage",
         default=None,
         metavar="URL",
-        help="Optuna database URL shared by several machines (default sqlite:///OUT/study.db)",
+        help="Optuna database URL shared by several machines: run the same command with "
+        "--storage postgresql://USER:PASSWORD@HOST:PORT/DB on each (pip install 'batchnorm[postgres]'); "
+        "default sqlite:///OUT/study.db",
+    )
+    parser.add_argument(
+        "--heartbeat",
+        type=positive_int,
+        default=HEARTBEAT_SECONDS,
+        metavar="SECONDS",
+        help="seconds between a running trial's heartbeats in the storage (default %(default)s)",
+    )
+    parser.add_argument(
+        "--grace",
+        type=positive_int,
+        default=GRACE_SECONDS,
+        metavar="SECONDS",
+        help="seconds without a heartbeat after which a worker counts as dead (killed, machine down) and its "
+        "trial is trained again by another worker or the next run (default %(default)s)",
     )
     parser.add_argument("--study-name", default=None, help="study name (default: derived from grid and settings)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
@@ -106,12 +126,14 @@ def run(args: argparse.Namespace) -> int:
             jobs=args.jobs,
             threads=torch.get_num_threads(),
             progress=not args.no_progress,
+            heartbeat=args.heartbeat,
+            grace=args.grace,
         )
     except WorkerError as error:  # failed workers (each printed its own error); the study keeps what finished
         sys.stderr.write(f"batchnorm: {error}; run the same command again to resume\n")
         return 1
     except KeyboardInterrupt as interrupt:
-        study = args.storage or str(Path(args.out) / "study.db")
+        study = safe_url(args.storage) if args.storage else str(Path(args.out) / "study.db")
         if isinstance(interrupt, TrainingInterrupted):  # in the full run, which saved its checkpoint
             where = (
                 f"interrupted in the full run at step {interrupt.step}; last checkpoint {interrupt.checkpoint} "

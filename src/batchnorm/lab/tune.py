@@ -17,15 +17,25 @@ Engine: :class:`optuna.samplers.GridSampler` on an Optuna study in SQLite
 * ``--jobs K`` starts K worker processes that each call ``study.optimize``
   on the shared study (Optuna's multi-process pattern; processes, not
   threads, so each trial runs on its own CPU thread without the GIL);
-* several machines can share one study through ``--storage``.
+* several machines can share one study through ``--storage``: run the same
+  ``batchnorm tune --storage postgresql://USER:PASSWORD@HOST:PORT/DB`` command
+  on each (driver: ``pip install 'batchnorm[postgres]'``).
 
 A trial left RUNNING by a killed process is marked failed and its grid point
 re-enqueued: at once when its worker (host and process id, stored with the
-trial) is gone from this machine, otherwise when its Optuna heartbeat is
-older than ``GRACE_SECONDS``. A file lock in ``--out`` serializes the choice
-of the next grid point between the local workers, so each point is trained
-exactly once; a rare race between machines is recorded as a trial with
-state ``duplicate`` and not counted.
+trial; the host is ``$BATCHNORM_TUNE_HOST`` when set, else the host name) is
+gone from this machine, otherwise when its Optuna heartbeat (every
+``--heartbeat`` seconds) is older than ``--grace`` seconds
+(:func:`optuna.storages.fail_stale_trials`), which any other worker, or a
+rerun of the command, notices. A lock serializes the choice of the next grid
+point between all workers of a study, so each point is trained exactly once:
+a file lock in ``--out`` for SQLite; for PostgreSQL a session-level advisory
+lock on the server (``pg_advisory_lock``, keyed by the study name), held
+from the creation of a trial until its grid point is recorded, and released
+by the server when a killed worker's connection drops. Inside the lock a
+worker also checks the storage for another COMPLETE or RUNNING trial of the
+same point; such a trial (possible only with other storages shared between
+machines) is recorded with state ``duplicate``, not trained and not counted.
 
 Ctrl-C: a trial in progress is recorded as ``interrupted`` (Optuna state
 PRUNED, no traceback) and trained again from its start by the next run; the
@@ -101,7 +111,9 @@ from batchnorm.lab.training import (
 __all__ = [
     "DEFAULT_TRIAL_STEPS",
     "FINISHED_STATES",
+    "GRACE_SECONDS",
     "GRID_OPTIONS",
+    "HEARTBEAT_SECONDS",
     "ClaimingGridSampler",
     "Grid",
     "TuneInterrupted",
@@ -127,6 +139,9 @@ Grid = dict[str, list[GridValue]]
 HEARTBEAT_SECONDS = 2
 # A live worker beats every 2 s; 15 s of silence means it is gone (killed, machine down).
 GRACE_SECONDS = 15
+# The worker's host name as recorded with its trials (set it where machines share a host name, e.g. containers).
+HOST_VARIABLE = "BATCHNORM_TUNE_HOST"
+CONNECT_TIMEOUT_SECONDS = 10
 POLL_SECONDS = 1.0
 DEFAULT_TRIAL_STEPS = 500
 SQLITE_BUSY_TIMEOUT_SECONDS = 60
@@ -281,22 +296,65 @@ def default_study_name(definition: dict[str, Any]) -> str:
     return f"tune-{digest[:12]}"
 
 
-def open_storage(url: str) -> optuna.storages.RDBStorage:
-    """An Optuna RDB storage with heartbeats (so a killed worker's trial can be detected and retried)."""
-    engine_kwargs: dict[str, Any] = {}
+def is_postgres(url: str) -> bool:
+    """Whether a storage URL names a PostgreSQL server (``postgresql://`` or ``postgresql+DRIVER://``)."""
+    return url.startswith(("postgresql:", "postgresql+", "postgres:"))
+
+
+def database_url(url: str) -> str:
+    """The URL given to SQLAlchemy: a bare ``postgresql://`` (or ``postgres://``) names the psycopg (3) driver.
+
+    SQLAlchemy's default driver for ``postgresql://`` changed between versions
+    (psycopg2, then psycopg); naming it keeps the ``batchnorm[postgres]``
+    extra sufficient. An explicit ``postgresql+DRIVER://`` is kept.
+    """
+    for prefix in ("postgresql://", "postgres://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url[len(prefix) :]
+    return url
+
+
+def safe_url(url: str) -> str:
+    """The storage URL with its password masked (for messages and ``tune.json``)."""
+    return re.sub(r"^([a-z0-9+]+://[^:/@]*):[^@/]*@", r"\1:***@", url)
+
+
+def _engine_kwargs(url: str) -> dict[str, Any]:
     if url.startswith("sqlite"):
         # Several workers write to one SQLite file: wait for the lock instead of failing at once.
-        engine_kwargs["connect_args"] = {"timeout": SQLITE_BUSY_TIMEOUT_SECONDS}
+        return {"connect_args": {"timeout": SQLITE_BUSY_TIMEOUT_SECONDS}}
+    if is_postgres(url):
+        # An unreachable server fails within seconds instead of the system's TCP timeout.
+        return {"connect_args": {"connect_timeout": CONNECT_TIMEOUT_SECONDS}}
+    return {}
+
+
+def _storage_error(url: str, error: BaseException) -> ValueError:
+    """One line for a bad URL, a missing driver or an unreachable server (sqlalchemy's many errors)."""
+    if isinstance(error, ImportError):  # Optuna's own wraps the driver's; name the missing module
+        cause = error.__cause__ if isinstance(error.__cause__, ImportError) else error
+        error = cause
+        extra = " (pip install 'batchnorm[postgres]')" if is_postgres(url) else ""
+        return ValueError(f"--storage {safe_url(url)}: the database driver is not installed: {error}{extra}")
+    text = str(error).strip()
+    first_line = text.splitlines()[0].strip() if text else type(error).__name__
+    first_line = re.sub(r"^\([\w.]+\)\s*", "", first_line)  # sqlalchemy's "(psycopg2.OperationalError) "
+    return ValueError(f"--storage {safe_url(url)}: cannot open the database ({first_line})")
+
+
+def open_storage(
+    url: str, *, heartbeat: int = HEARTBEAT_SECONDS, grace: int = GRACE_SECONDS
+) -> optuna.storages.RDBStorage:
+    """An Optuna RDB storage with heartbeats (so a killed worker's trial can be detected and retried)."""
     with warnings.catch_warnings():
         # heartbeat_interval is marked experimental; the warning gives the user nothing to act on.
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         try:
             return optuna.storages.RDBStorage(
-                url, engine_kwargs=engine_kwargs, heartbeat_interval=HEARTBEAT_SECONDS, grace_period=GRACE_SECONDS
+                database_url(url), engine_kwargs=_engine_kwargs(url), heartbeat_interval=heartbeat, grace_period=grace
             )
         except Exception as error:  # a bad URL, a missing driver, an unreachable server: sqlalchemy's many errors
-            first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            raise ValueError(f"--storage {url!r}: cannot open the database ({first_line})") from None
+            raise _storage_error(url, error) from None
 
 
 class ClaimingGridSampler(optuna.samplers.GridSampler):
@@ -325,10 +383,18 @@ def _sampler(grid: Grid) -> ClaimingGridSampler:
     return ClaimingGridSampler({name: list(values) for name, values in grid.items()}, seed=0)
 
 
-def open_study(storage_url: str, study_name: str, grid: Grid, definition: dict[str, Any]) -> optuna.Study:
+def open_study(
+    storage_url: str,
+    study_name: str,
+    grid: Grid,
+    definition: dict[str, Any],
+    *,
+    heartbeat: int = HEARTBEAT_SECONDS,
+    grace: int = GRACE_SECONDS,
+) -> optuna.Study:
     """Create the study or load it, refusing one that was made for another grid or base settings."""
     study = optuna.create_study(
-        storage=open_storage(storage_url),
+        storage=open_storage(storage_url, heartbeat=heartbeat, grace=grace),
         study_name=study_name,
         sampler=_sampler(grid),
         direction="maximize",
@@ -340,14 +406,18 @@ def open_study(storage_url: str, study_name: str, grid: Grid, definition: dict[s
         study.set_user_attr("definition", expected)
     elif stored != expected:
         raise ValueError(
-            f"study {study_name!r} in {storage_url} holds another search (grid or base settings differ); "
+            f"study {study_name!r} in {safe_url(storage_url)} holds another search (grid or base settings differ); "
             "use another --study-name or --out"
         )
     return study
 
 
+def _host() -> str:
+    return os.environ.get(HOST_VARIABLE) or socket.gethostname()
+
+
 def _worker_id() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
+    return f"{_host()}:{os.getpid()}"
 
 
 def _local_pid(worker: Any) -> int | None:
@@ -355,7 +425,7 @@ def _local_pid(worker: Any) -> int | None:
     if not isinstance(worker, str):
         return None
     host, _, pid = worker.rpartition(":")
-    return int(pid) if host == socket.gethostname() and pid.isdigit() else None
+    return int(pid) if host == _host() and pid.isdigit() else None
 
 
 def _process_alive(pid: int) -> bool:
@@ -398,14 +468,17 @@ class StudyProgress:
         pending: grid points neither finished nor being trained (to do, or enqueued again).
         running_elsewhere: RUNNING trials not owned by a process on this machine (another machine's, or
             not claimed yet); a worker waits for them to finish or go stale before it exits.
+        running: every RUNNING trial (also those of live processes here, which may be another command's
+            worker of the same shared study); a worker waits for them too, so that it exits with every point done.
     """
 
     finished: int
     pending: int
     running_elsewhere: int
+    running: int = 0
 
 
-def recover(study: optuna.Study, grid: Grid, *, local_only: bool = False) -> StudyProgress:
+def recover(study: optuna.Study, grid: Grid, *, local_only: bool = False, grace: int = GRACE_SECONDS) -> StudyProgress:
     """Fail the trials of dead workers, re-enqueue grid points that have no finished trial; count the rest.
 
     Call it holding the file lock. A RUNNING trial whose worker was on this
@@ -413,10 +486,10 @@ def recover(study: optuna.Study, grid: Grid, *, local_only: bool = False) -> Stu
     ``interrupted``. So is a trial that no worker has stamped yet
     (:class:`ClaimingGridSampler` stamps it just after creating it, under the
     lock): when ``local_only`` (every worker of the study shares this lock,
-    as with the default SQLite file in ``--out``) its creator must have died
-    holding the lock; otherwise after ``GRACE_SECONDS``, as it may belong to
+    as with the default SQLite file in ``--out`` or PostgreSQL's advisory lock) its creator must have
+    died holding the lock; otherwise after ``grace`` seconds, as it may belong to
     another machine. A trial of another machine is failed by Optuna once its
-    heartbeat is older than ``GRACE_SECONDS``. A grid point whose every
+    heartbeat is older than ``grace`` seconds (the storage's ``grace_period``). A grid point whose every
     trial ended without a result (failed, interrupted, duplicate) is
     enqueued again with all its params, which Optuna runs before asking the
     grid sampler for a new point.
@@ -431,9 +504,7 @@ def recover(study: optuna.Study, grid: Grid, *, local_only: bool = False) -> Stu
         worker = trial.system_attrs.get("worker")
         pid = _local_pid(worker)
         started = trial.datetime_start
-        unclaimed = worker is None and (
-            local_only or (started is not None and (now - started).total_seconds() > GRACE_SECONDS)
-        )
+        unclaimed = worker is None and (local_only or (started is not None and (now - started).total_seconds() > grace))
         if unclaimed or (pid is not None and not _process_alive(pid)):
             try:
                 storage.set_trial_user_attr(trial._trial_id, "state", "interrupted")
@@ -468,10 +539,19 @@ def recover(study: optuna.Study, grid: Grid, *, local_only: bool = False) -> Stu
         finished=len(points & finished),
         pending=len(points - finished - running),
         running_elsewhere=running_elsewhere,
+        running=sum(trial.state == TrialState.RUNNING for trial in study.get_trials(deepcopy=False)),
     )
 
 
-class _FileLock:
+class _Lock:
+    def acquire(self) -> None:
+        raise NotImplementedError
+
+    def release(self) -> None:
+        raise NotImplementedError
+
+
+class _FileLock(_Lock):
     """An exclusive ``flock`` on a file; the operating system releases it when the holder dies."""
 
     def __init__(self, path: Path) -> None:
@@ -488,6 +568,51 @@ class _FileLock:
             fcntl.flock(self._handle, fcntl.LOCK_UN)
             self._handle.close()
             self._handle = None
+
+
+class _AdvisoryLock(_Lock):
+    """A PostgreSQL session-level advisory lock, shared by every worker of the study on any machine.
+
+    Each acquire opens its own connection and takes ``pg_advisory_lock``
+    (waiting for the holder); release closes the connection, which ends the
+    session and so frees the lock. The server frees it too when a holder is
+    killed and its connection drops.
+    """
+
+    def __init__(self, url: str, study_name: str) -> None:
+        import sqlalchemy
+        from sqlalchemy.pool import NullPool
+
+        digest = hashlib.sha256(f"batchnorm tune {study_name}".encode()).digest()
+        self._key = int.from_bytes(digest[:8], "big", signed=True)
+        try:
+            self._engine = sqlalchemy.create_engine(
+                database_url(url), poolclass=NullPool, isolation_level="AUTOCOMMIT", **_engine_kwargs(url)
+            )
+        except Exception as error:
+            raise _storage_error(url, error) from None
+        self._url = url
+        self._connection: Any = None
+
+    def acquire(self) -> None:
+        import sqlalchemy
+
+        try:
+            connection = self._engine.connect()
+        except Exception as error:
+            raise _storage_error(self._url, error) from None
+        connection.execute(sqlalchemy.text("SELECT pg_advisory_lock(:key)"), {"key": self._key})
+        self._connection = connection
+
+    def release(self) -> None:
+        if self._connection is not None:
+            self._connection.close()  # NullPool: the session ends, the server frees its advisory locks
+            self._connection = None
+
+
+def _study_lock(job: WorkerJob) -> _Lock:
+    """The lock that serializes the choice of grid points between all workers of the study."""
+    return _AdvisoryLock(job.storage, job.study_name) if is_postgres(job.storage) else _FileLock(Path(job.lock_path))
 
 
 # --------------------------------------------------------------------------- workers
@@ -512,8 +637,10 @@ class TuneInterrupted(KeyboardInterrupt):
 class WorkerJob:
     """What a worker process needs (as JSON on its command line): the study, the grid and the base settings.
 
-    ``local_only`` says that every worker of the study takes the lock at
-    ``lock_path`` (the default SQLite storage in ``--out``), see :func:`recover`.
+    ``local_only`` says that every worker of the study takes the same lock
+    (the file at ``lock_path`` for the default SQLite storage in ``--out``, or
+    PostgreSQL's advisory lock), see :func:`recover`. ``heartbeat`` and
+    ``grace`` are the storage's heartbeat interval and grace period in seconds.
     """
 
     storage: str
@@ -523,6 +650,8 @@ class WorkerJob:
     lock_path: str
     threads: int
     local_only: bool
+    heartbeat: int = HEARTBEAT_SECONDS
+    grace: int = GRACE_SECONDS
 
 
 class _ReportToTrial:
@@ -581,18 +710,21 @@ def run_worker(job: WorkerJob, dataset: Dataset | None = None, on_progress: Call
     Each round takes the file lock, recovers dead trials, and lets
     ``study.optimize(n_trials=1)`` pick the next grid point; the lock is
     released inside the objective once the point is recorded, so that the
-    next worker sees it as taken. Exits when every grid point is finished or
-    being trained by a live local process (a rerun will pick up whatever that
-    process leaves unfinished); waits for trials running on other machines
-    until they finish or their heartbeat goes stale.
+    next worker sees it as taken. Exits when every grid point is finished;
+    waits for trials running in other processes
+    (here or on other machines) until they finish or their heartbeat goes stale.
     """
     torch.set_num_threads(job.threads)
     torch.set_flush_denormal(True)
     base = TrainConfig(**job.base)
     if dataset is None:
         dataset = load_dataset(base.data, base.data_dir, seed=base.seed)
-    study = optuna.load_study(study_name=job.study_name, storage=open_storage(job.storage), sampler=_sampler(job.grid))
-    lock = _FileLock(Path(job.lock_path))
+    study = optuna.load_study(
+        study_name=job.study_name,
+        storage=open_storage(job.storage, heartbeat=job.heartbeat, grace=job.grace),
+        sampler=_sampler(job.grid),
+    )
+    lock = _study_lock(job)
 
     interrupted: list[str] = []
 
@@ -618,7 +750,7 @@ def run_worker(job: WorkerJob, dataset: Dataset | None = None, on_progress: Call
     while True:
         lock.acquire()
         try:
-            progress = recover(study, job.grid, local_only=job.local_only)
+            progress = recover(study, job.grid, local_only=job.local_only, grace=job.grace)
             if progress.pending > 0:
                 study.optimize(objective, n_trials=1)
         finally:
@@ -628,7 +760,7 @@ def run_worker(job: WorkerJob, dataset: Dataset | None = None, on_progress: Call
         if on_progress is not None:
             on_progress()
         if progress.pending == 0:
-            if progress.running_elsewhere == 0:
+            if progress.running_elsewhere == 0 and progress.running == 0:
                 return
             time.sleep(POLL_SECONDS)
 
@@ -978,6 +1110,8 @@ def tune(
     jobs: int = 1,
     threads: int = 1,
     progress: bool = True,
+    heartbeat: int = HEARTBEAT_SECONDS,
+    grace: int = GRACE_SECONDS,
 ) -> dict[str, Any]:
     """Run (or resume) the grid search, then the full run of the best setting; write every output.
 
@@ -992,6 +1126,8 @@ def tune(
         jobs: worker processes.
         threads: torch CPU threads per worker.
         progress: progress bars on stderr.
+        heartbeat: seconds between a running trial's heartbeats in the storage.
+        grace: seconds without a heartbeat after which a RUNNING trial counts as dead and is trained again.
 
     Returns:
         the content of ``tune.json``.
@@ -1020,15 +1156,27 @@ def tune(
     definition = study_definition(grid, base)
     name = study_name or default_study_name(definition)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = open_study(storage_url, name, grid, definition)
+    if heartbeat < 1 or grace <= heartbeat:
+        raise ValueError(
+            f"expected a heartbeat of at least 1 s and a grace period above it, got {heartbeat} and {grace}"
+        )
+    study = open_study(storage_url, name, grid, definition, heartbeat=heartbeat, grace=grace)
     job = WorkerJob(
-        storage_url, name, grid, dataclasses.asdict(base), str(out / ".tune.lock"), threads, local_only=storage is None
+        storage_url,
+        name,
+        grid,
+        dataclasses.asdict(base),
+        str(out / ".tune.lock"),
+        threads,
+        local_only=storage is None or is_postgres(storage_url),
+        heartbeat=heartbeat,
+        grace=grace,
     )
 
-    lock = _FileLock(Path(job.lock_path))
+    lock = _study_lock(job)
     lock.acquire()
     try:
-        state = recover(study, grid, local_only=job.local_only)
+        state = recover(study, grid, local_only=job.local_only, grace=grace)
     finally:
         lock.release()
     bar = tqdm(
@@ -1059,7 +1207,7 @@ def tune(
     best = best_record(records)
     results: dict[str, Any] = {
         "study": name,
-        "storage": storage_url,
+        "storage": safe_url(storage_url),
         "grid": grid,
         "base": dataclasses.asdict(base),
         "trial_steps": base.steps,
