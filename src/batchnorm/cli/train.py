@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -19,6 +20,7 @@ from batchnorm.cli.options import (
     requested_model,
 )
 from batchnorm.lab.data import load_dataset
+from batchnorm.lab.distributed import Distributed, from_environment
 from batchnorm.lab.report import write_train_report
 from batchnorm.lab.training import (
     EXIT_DIVERGED,
@@ -61,6 +63,20 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--resume", default=None, metavar="CKPT", help="continue from this checkpoint")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    parallel = parser.add_argument_group("data-parallel training (batchnorm.lab.distributed)")
+    parallel.add_argument(
+        "--distributed",
+        action="store_true",
+        help="one of the processes started by torchrun --nproc-per-node K -m batchnorm train --distributed ...: "
+        "BN synchronized over the global batch (--batch-size is the global batch, sliced over the K ranks), DDP; "
+        "rank 0 alone evaluates, prints and writes --out; equals the one-process run with the same --batch-size",
+    )
+    parallel.add_argument(
+        "--no-broadcast-buffers",
+        action="store_true",
+        help="with --distributed: DDP does not broadcast rank 0's buffers before each forward (SyncBatchNorm "
+        "keeps the running statistics equal on every rank anyway)",
+    )
 
 
 # option dest -> TrainConfig field, for the options a resumed run compares with its checkpoint
@@ -105,14 +121,22 @@ def _resume_overrides(args: argparse.Namespace, config: TrainConfig) -> dict[str
     return {field: getattr(config, field) for dest, field in RESUME_COMPARED.items() if dest in explicit}
 
 
-def _command(*words: str | Path) -> str:
-    return shlex.join(["batchnorm", *(str(word) for word in words)])
+def _command(*words: str | Path, program: tuple[str, ...] = ("batchnorm",)) -> str:
+    return shlex.join([*program, *(str(word) for word in words)])
 
 
-def _interrupted(interrupt: KeyboardInterrupt, out: Path) -> KeyboardInterrupt:
+def _launcher(distributed: Distributed | None) -> tuple[str, ...]:
+    if distributed is None:
+        return ("batchnorm",)
+    per_node = os.environ.get("LOCAL_WORLD_SIZE", str(distributed.world_size))
+    return ("torchrun", "--nproc-per-node", per_node, "-m", "batchnorm")
+
+
+def _interrupted(interrupt: KeyboardInterrupt, out: Path, distributed: Distributed | None = None) -> KeyboardInterrupt:
     """The one-line message for Ctrl-C: where the last checkpoint is and the command that resumes."""
     checkpoint = out / "checkpoint.pt"
-    resume = _command("train", "--resume", checkpoint, "--out", out)
+    flags = ("--distributed",) if distributed is not None else ()
+    resume = _command("train", *flags, "--resume", checkpoint, "--out", out, program=_launcher(distributed))
     if isinstance(interrupt, TrainingInterrupted) and interrupt.checkpoint is not None:
         return KeyboardInterrupt(f"{interrupt}; resume with: {resume}")
     try:
@@ -130,7 +154,21 @@ def _accuracies(validation: list[float], test: list[float]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    distributed: Distributed | None = None
+    try:
+        if args.distributed:
+            distributed = from_environment(broadcast_buffers=not args.no_broadcast_buffers)
+        elif args.no_broadcast_buffers:
+            raise UsageError("--no-broadcast-buffers needs --distributed")
+        return _run(args, distributed)
+    finally:
+        if distributed is not None:
+            distributed.close()
+
+
+def _run(args: argparse.Namespace, distributed: Distributed | None) -> int:
     out = Path(args.out)
+    quiet = distributed is not None and not distributed.is_main  # ranks other than 0 print and write nothing
     try:
         config = config_from_args(args, TrainConfig())
         if args.download:
@@ -143,7 +181,7 @@ def run(args: argparse.Namespace) -> int:
             check_same_model(requested_model(args), stored, args.resume)
             overrides = _resume_overrides(args, config)
             _, notes = resume_changes(dataclasses.replace(stored, steps=config.steps), overrides)
-            for note in notes:
+            for note in notes if not quiet else ():
                 print(note, flush=True)
         result = train(
             config,
@@ -152,14 +190,20 @@ def run(args: argparse.Namespace) -> int:
             requested_model=requested_model(args),
             progress=not args.no_progress,
             overrides=overrides,
+            distributed=distributed,
         )
     except DivergenceError as error:
-        sys.stderr.write(f"batchnorm: {error}\n")
+        if not quiet:
+            sys.stderr.write(f"batchnorm: {error}\n")
         return EXIT_DIVERGED
     except ValueError as error:
         raise UsageError(str(error)) from None
     except KeyboardInterrupt as interrupt:
-        raise _interrupted(interrupt, out) from None
+        if quiet:
+            return 130
+        raise _interrupted(interrupt, out, distributed) from None
+    if quiet:
+        return 0
     if result.nothing_to_do:
         further = f" (--steps {config.steps} is not beyond it)" if config.steps != result.final_step else ""
         print(

@@ -65,6 +65,7 @@ OpenMP spin-waiting made two-thread steps 4x to 200x slower.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -91,6 +92,7 @@ from batchnorm.lab.data import (
     load_dataset,
     split_validation,
 )
+from batchnorm.lab.distributed import Distributed
 from batchnorm.lab.models import (
     ACTIVATIONS,
     BATCH_STATISTICS_NORMS,
@@ -576,23 +578,29 @@ def _remove_stale_temporaries(out: Path) -> None:
 class _DeferredInterrupt:
     """SIGINT sets a flag that the loop checks after each step; a second SIGINT raises at once.
 
-    Only in the main thread (where Python delivers signals); elsewhere the
-    default ``KeyboardInterrupt`` behaviour stays.
+    ``signals`` may add SIGTERM (distributed runs: torchrun stops its workers
+    with SIGTERM, also after forwarding a Ctrl-C); only a repeat of a signal
+    already received raises at once. Only in the main thread (where Python
+    delivers signals); elsewhere the default ``KeyboardInterrupt`` behaviour stays.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, signals: tuple[int, ...] = (signal.SIGINT,)) -> None:
         self.requested = False
-        self._previous: Any = None
+        self._signals = signals
+        self._received: set[int] = set()
+        self._previous: dict[int, Any] = {}
         self._installed = False
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
-        if self.requested:
+        if signum in self._received:
             raise KeyboardInterrupt
+        self._received.add(signum)
         self.requested = True
 
     def __enter__(self) -> _DeferredInterrupt:
         try:
-            self._previous = signal.signal(signal.SIGINT, self._handle)
+            for number in self._signals:
+                self._previous[number] = signal.signal(number, self._handle)
             self._installed = True
         except ValueError:  # not the main thread
             self._installed = False
@@ -600,7 +608,8 @@ class _DeferredInterrupt:
 
     def __exit__(self, *exc: object) -> None:
         if self._installed:
-            signal.signal(signal.SIGINT, self._previous)
+            for number, previous in self._previous.items():
+                signal.signal(number, previous)
 
 
 def train(
@@ -616,6 +625,7 @@ def train(
     model_override: Callable[[nn.Module], nn.Module] | None = None,
     test_eval: str = "every",
     overrides: Mapping[str, Any] | None = None,
+    distributed: Distributed | None = None,
 ) -> TrainResult:
     """Run (or resume) one training run; see the module docstring.
 
@@ -640,6 +650,10 @@ def train(
         overrides: on resume, settings the caller asked for explicitly
             (:func:`resume_changes`: optimizer and interval settings are
             applied, others must equal the checkpoint's).
+        distributed: this process's place in a data-parallel run
+            (:mod:`batchnorm.lab.distributed`): BN synchronized, DDP, this
+            rank's slice of each global batch; only rank 0 evaluates, shows
+            progress and writes ``out_dir``.
 
     Raises:
         ValueError: invalid settings or data; :class:`CheckpointError`.
@@ -723,6 +737,16 @@ def train(
     val_images = normalizer(data.val_images) if data.val_images is not None else None
     val_labels = data.val_labels
     last_eval: dict[str, Any] | None = payload.get("last_eval") if payload is not None else None
+    forward = model
+    if distributed is not None:
+        model, forward = distributed.wrap(model, optimizer)
+        result.model = model
+        train_images, train_labels = train_images.to(distributed.device), train_labels.to(distributed.device)
+        if not distributed.is_main:  # rank 0 alone evaluates, shows progress and writes files
+            out_dir, progress, test_eval, val_images = None, False, "never", None
+        elif val_images is not None and val_labels is not None:
+            val_images, val_labels = val_images.to(distributed.device), val_labels.to(distributed.device)
+        test_images, test_labels = test_images.to(distributed.device), test_labels.to(distributed.device)
 
     out = Path(out_dir) if out_dir is not None else None
     checkpoint_path = out / "checkpoint.pt" if out is not None else None
@@ -782,7 +806,8 @@ def train(
     )
     last_good = start_step
     step = start_step
-    interrupt = _DeferredInterrupt()
+    interrupt = _DeferredInterrupt((signal.SIGINT,) if distributed is None else (signal.SIGINT, signal.SIGTERM))
+    stop_agreed = False
 
     def write_metrics(line: dict[str, Any]) -> None:
         if metrics_path is not None:
@@ -795,16 +820,30 @@ def train(
             indices = sampler.next()
             for callback in callbacks:
                 callback.before_step(step, model)
-            logits = model(train_images[indices])
-            loss = F.cross_entropy(logits, train_labels[indices])
+            if distributed is None:
+                logits = model(train_images[indices])
+                loss = F.cross_entropy(logits, train_labels[indices])
+            else:
+                local = distributed.shard(indices)
+                loss = distributed.local_loss(forward(train_images[local]), train_labels[local], len(indices), step)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()  # type: ignore[no-untyped-call]
-            loss_value = float(loss.detach())
+            if distributed is None:
+                loss_value = float(loss.detach())
+            else:  # the global batch's mean loss (NaN if any rank's is) and any rank's stop request
+                loss_value, stop_agreed = distributed.agree_step(loss, len(indices), interrupt.requested)
             if config.guard:
                 guard.check_loss(step, loss_value)
             optimizer.step()
             if config.guard and step % 10 == 0:
-                guard.check_weights(step, model)
+                if distributed is None:
+                    guard.check_weights(step, model)
+                else:
+                    distributed.agreed(
+                        functools.partial(guard.check_weights, step, model),
+                        DivergenceError,
+                        f"training diverged at step {step}: another rank's weight check tripped",
+                    )
             for callback in callbacks:
                 callback.after_step(step, model, loss_value)
             running_loss += loss_value
@@ -839,7 +878,7 @@ def train(
             if step % config.checkpoint_every == 0 or step == config.steps:
                 save(step)
                 last_good = step
-            if interrupt.requested:
+            if interrupt.requested if distributed is None else stop_agreed:
                 if last_good != step:
                     save(step)
                     last_good = step
