@@ -56,6 +56,8 @@ CASES: list[tuple[str, list[str], str]] = [
     ("train-threads-0", ["train", "--threads", "0"], "argument --threads"),
     ("train-threads-text", ["train", "--threads", "all"], "argument --threads"),
     ("train-threads-overflow", ["train", "--threads", "100000000000"], "argument --threads"),
+    ("train-init-std-overflow", ["train", "--init", "normal:1e300"], "at most 100"),
+    ("train-init-std-nan", ["train", "--init", "normal:nan"], "standard deviation"),
     # ---- train: model, normalization variants, validation split
     (
         "train-model-too-many-parameters",
@@ -102,6 +104,8 @@ CASES: list[tuple[str, list[str], str]] = [
     # ---- tune
     ("tune-out-under-a-file", ["tune", "--grid", "lr=0.1", "--out", "{file}/x"], "{file} is a file, not a folder"),
     ("tune-out-is-a-file", ["tune", "--grid", "lr=0.1", "--out", "{file}"], "{file} is a file, not a folder"),
+    ("tune-storage-unknown-scheme", ["tune", "--grid", "lr=0.1", "--storage", "bogus://x"], "argument --storage"),
+    ("tune-storage-no-url", ["tune", "--grid", "lr=0.1", "--storage", "study.db"], "argument --storage"),
     ("tune-grid-momentum-2", ["tune", *SYNTHETIC, "--grid", "momentum=0,2"], "--grid momentum: expected numbers >= 0"),
     ("tune-grid-lr-1e300", ["tune", *SYNTHETIC, "--grid", "lr=1e300"], "--grid lr: expected numbers <= 1e+06"),
     ("tune-grid-empty-value", ["tune", *SYNTHETIC, "--grid", "lr=0.1,"], "empty value"),

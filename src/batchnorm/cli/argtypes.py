@@ -39,6 +39,7 @@ __all__ = [
     "positive_int",
     "seed",
     "seed_count",
+    "storage_url",
     "threads",
     "weight_decay",
 ]
@@ -192,6 +193,20 @@ def seed(text: str) -> int:
 def threads(text: str) -> int:
     """argparse type: CPU threads, 1 to :data:`MAX_THREADS`."""
     return _integer_between(text, 1, MAX_THREADS)
+
+
+STORAGE_SCHEMES = ("sqlite", "postgresql", "postgres", "mysql")
+
+
+def storage_url(text: str) -> str:
+    """argparse type: an Optuna database URL, ``SCHEME[+DRIVER]://...`` with a scheme SQLAlchemy knows."""
+    scheme, separator, rest = text.partition("://")
+    if not separator or not rest or scheme.partition("+")[0].lower() not in STORAGE_SCHEMES:
+        raise argparse.ArgumentTypeError(
+            f"expected a database URL like postgresql://USER:PASSWORD@HOST:PORT/DB or sqlite:///FILE "
+            f"(schemes: {', '.join(STORAGE_SCHEMES)})"
+        )
+    return text
 
 
 # --------------------------------------------------------------------------- sizes that fit in memory

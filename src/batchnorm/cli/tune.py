@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from batchnorm.cli.argtypes import output_dir, positive_int
+from batchnorm.cli.argtypes import output_dir, positive_int, storage_url
 from batchnorm.cli.compare import same_command
 from batchnorm.cli.options import (
     add_data_arguments,
@@ -83,6 +83,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--storage",
+        type=storage_url,
         default=None,
         metavar="URL",
         help="Optuna database URL shared by several machines: run the same command with "

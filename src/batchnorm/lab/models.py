@@ -73,7 +73,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import math
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -297,6 +296,9 @@ def parse_spec(text: str) -> ModelSpec:
     return ModelSpec(kind, tuple(widths))
 
 
+MAX_INIT_STD = 100.0  # normal:STD above this only overflows (weights of 1e300 make every activation inf)
+
+
 def parse_init(text: str) -> tuple[str, float]:
     """Parse an init name: ``('normal', std)``, ``('kaiming', 0)``, ``('xavier', 0)`` or ``('default', 0)``."""
     name, _, argument = text.partition(":")
@@ -306,8 +308,10 @@ def parse_init(text: str) -> tuple[str, float]:
             std = float(argument)
         except ValueError:
             raise ValueError(f"init {text!r}: expected 'normal:STD' with a number, e.g. normal:0.01") from None
-        if not (std > 0 and math.isfinite(std)):
-            raise ValueError(f"init {text!r}: the standard deviation must be positive, got {argument}")
+        if not (0 < std <= MAX_INIT_STD):
+            raise ValueError(
+                f"init {text!r}: the standard deviation must be positive and at most {MAX_INIT_STD:g}, got {argument}"
+            )
         return name, std
     if name in ("kaiming", "xavier", "default") and not argument:
         return name, 0.0
