@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import copy
 import itertools
-import json
 import math
 import statistics
 import sys
@@ -50,6 +49,7 @@ from torch import Tensor, nn
 
 from batchnorm import functional, kernels
 from batchnorm.kernels import native
+from batchnorm.lab.files import write_json_atomically
 
 __all__ = ["DTYPES", "LAYOUTS", "OPERATIONS", "SUITE", "BenchOptions", "Case", "parse_case", "run"]
 
@@ -664,9 +664,7 @@ def run(options: BenchOptions) -> Path | None:
     }
     path = options.json_path or options.out / "bench.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_suffix(path.suffix + ".tmp")
-    temporary.write_text(json.dumps(report, indent=2) + "\n")
-    temporary.replace(path)
+    write_json_atomically(path, report, indent=2, newline=True)
     print(f"\nwrote {path}")
     return path
 

@@ -295,10 +295,10 @@ def run(options: DistributedOptions) -> Path:
         "collectives_per_bn_call": per_call,
     }
     path = options.json_path or options.out / "bench_distributed.json"
+    from batchnorm.lab.files import write_json_atomically
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_suffix(path.suffix + ".tmp")
-    temporary.write_text(json.dumps(report, indent=2) + "\n")
-    temporary.replace(path)
+    write_json_atomically(path, report, indent=2, newline=True)
     print(f"\nwrote {path}")
     return path
 

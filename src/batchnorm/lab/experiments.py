@@ -63,6 +63,7 @@ from torch import Tensor, nn
 
 from batchnorm.lab.data import Dataset, InputNormalizer, load_dataset, split_validation
 from batchnorm.lab.explain import explain
+from batchnorm.lab.files import write_json_atomically
 from batchnorm.lab.report import write_report
 from batchnorm.lab.training import (
     CheckpointError,
@@ -336,9 +337,7 @@ def _run_one(
     folder = out / label
     folder.mkdir(parents=True, exist_ok=True)
     saved = {"config": dataclasses.asdict(config), "record": record}
-    temporary = folder / (RECORD_FILE + ".part")
-    temporary.write_text(json.dumps(saved, allow_nan=True))
-    temporary.replace(folder / RECORD_FILE)
+    write_json_atomically(folder / RECORD_FILE, saved)
     return record, result
 
 
@@ -467,10 +466,7 @@ def compare(
             "val_accuracy": "accuracy on the validation split held out of the training split (--val-fraction)",
         },
     }
-    path = out / "results.json"
-    temporary = path.with_suffix(".json.part")
-    temporary.write_text(json.dumps(results, allow_nan=True))
-    temporary.replace(path)
+    write_json_atomically(out / "results.json", results)
     if figures:
         write_report(out, results)
     return results

@@ -93,6 +93,7 @@ from batchnorm.lab.data import (
     split_validation,
 )
 from batchnorm.lab.distributed import Distributed
+from batchnorm.lab.files import write_text_atomically
 from batchnorm.lab.models import (
     ACTIVATIONS,
     BATCH_STATISTICS_NORMS,
@@ -546,16 +547,10 @@ def resume_changes(stored: TrainConfig, overrides: Mapping[str, Any]) -> tuple[T
     return dataclasses.replace(stored, **changes), notes
 
 
-def _write_atomically(path: Path, text: str) -> None:
-    temporary = path.with_name(f".{path.name}.part")
-    temporary.write_text(text)
-    temporary.replace(path)
-
-
 def _prepare_metrics(path: Path, resume_step: int | None) -> None:
     """Start ``metrics.jsonl`` afresh, or on resume keep only lines up to the checkpoint's step (atomically)."""
     if resume_step is None or not path.exists():
-        _write_atomically(path, "")
+        write_text_atomically(path, "")
         return
     kept = []
     for line in path.read_text().splitlines():
@@ -565,7 +560,7 @@ def _prepare_metrics(path: Path, resume_step: int | None) -> None:
                 kept.append(line)
         except (ValueError, KeyError, TypeError):
             continue  # a line cut short by a kill
-    _write_atomically(path, "".join(line + "\n" for line in kept))
+    write_text_atomically(path, "".join(line + "\n" for line in kept))
 
 
 def _remove_stale_temporaries(out: Path) -> None:

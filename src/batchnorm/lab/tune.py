@@ -98,6 +98,7 @@ from torch import nn
 
 from batchnorm.lab.data import INPUT_NORMS, Dataset, load_dataset, split_validation
 from batchnorm.lab.figures import pyplot
+from batchnorm.lab.files import write_json_atomically
 from batchnorm.lab.models import ACTIVATIONS, NORMS, PLACEMENTS, parse_init
 from batchnorm.lab.report import _figure, _page, html_table, settings_table
 from batchnorm.lab.training import (
@@ -1018,12 +1019,6 @@ diverged.</p>
     return path
 
 
-def _write_json(path: Path, content: dict[str, Any]) -> None:
-    temporary = path.with_suffix(".json.part")
-    temporary.write_text(json.dumps(content, indent=2))
-    temporary.replace(path)
-
-
 # --------------------------------------------------------------------------- the search
 
 
@@ -1222,7 +1217,7 @@ def tune(
     if best is not None and final_steps is not None and not missing:
         final_config = dataclasses.replace(with_params(base, best["params"]), steps=final_steps)
         results["final"] = {"params": best["params"], **_final_run(final_config, out / "final", dataset, progress)}
-    _write_json(out / "tune.json", results)
+    write_json_atomically(out / "tune.json", results, indent=2)
     heatmaps = draw_heatmaps(records, grid, out, base.steps)
     write_tune_report(out, results, heatmaps)
     results["heatmaps"] = [str(path) for path in heatmaps]

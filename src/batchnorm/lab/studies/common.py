@@ -35,6 +35,7 @@ from torch import Tensor, nn
 
 from batchnorm.lab.data import Dataset, InputNormalizer, split_validation
 from batchnorm.lab.experiments import spread
+from batchnorm.lab.files import write_json_atomically
 from batchnorm.lab.report import _figure, _page, html_table, settings_table
 from batchnorm.lab.training import DivergenceError, TrainConfig, TrainResult, evaluate, train
 
@@ -203,9 +204,7 @@ def config_dict(config: Any) -> dict[str, Any]:
 def write_json(path: Path, payload: dict[str, Any]) -> None:
     """Write atomically (temporary file, then rename)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_suffix(path.suffix + ".part")
-    temporary.write_text(json.dumps(payload, indent=1, allow_nan=True))
-    temporary.replace(path)
+    write_json_atomically(path, payload, indent=1)
 
 
 def text_table(rows: list[list[str]]) -> str:
