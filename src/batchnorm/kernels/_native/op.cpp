@@ -133,16 +133,38 @@ std::tuple<Tensor, Tensor, Tensor> run_backward(const Tensor &dy, const Tensor &
     return {dx, dweight, dbias};
 }
 
+// The axes a statistic pools over (every axis but `feature`), and the shape that broadcasts a (C,) vector
+// along `feature`.
+struct Axes {
+    std::vector<int64_t> reduced, broadcast;
+};
+
+Axes axes_of(const Tensor &x, int64_t feature) {
+    Axes a{{}, std::vector<int64_t>(x.dim(), 1)};
+    for (int64_t d = 0; d < x.dim(); d++)
+        if (d != feature) a.reduced.push_back(d);
+    a.broadcast[feature] = x.size(feature);
+    return a;
+}
+
+// Which gradients a node's backward owes: the input, then weight and bias when they were given
+// (needs_input_grad counts only the tensor inputs that were given).
+struct Needs {
+    bool input, weight, bias;
+};
+
+Needs needs_of(AutogradContext *ctx) {
+    bool has_weight = ctx->saved_data["has_weight"].toBool(), has_bias = ctx->saved_data["has_bias"].toBool();
+    return {ctx->needs_input_grad(0), has_weight && ctx->needs_input_grad(1),
+            has_bias && ctx->needs_input_grad(has_weight ? 2 : 1)};
+}
+
 // The gradients as differentiable ATen operations (create_graph=True): statistics recomputed from x.
 std::tuple<Tensor, Tensor, Tensor> composite_backward(const Tensor &dy, const Tensor &x, int64_t feature,
                                                       const Tensor &weight, double eps, bool need_input) {
     auto acc = accumulation(x);
-    std::vector<int64_t> dims;
-    for (int64_t d = 0; d < x.dim(); d++)
-        if (d != feature) dims.push_back(d);
-    std::vector<int64_t> broadcast(x.dim(), 1);
+    auto [dims, broadcast] = axes_of(x, feature);
     int64_t features = x.size(feature);
-    broadcast[feature] = features;
     double count = static_cast<double>(x.numel() / features);
     Tensor xa = x.to(acc), g = dy.to(acc);
     auto [var, mean] = at::var_mean(xa, dims, at::Scalar(0), true);
@@ -205,11 +227,7 @@ struct Train : public torch::autograd::Function<Train> {
         auto saved = ctx->get_saved_variables();
         const Tensor &x = saved[0], &weight = saved[1], &stats = saved[2];
         Tensor dy = grad_outputs[0];
-        // needs_input_grad counts the tensor inputs that were given: x, then weight and bias when present.
-        bool has_weight = ctx->saved_data["has_weight"].toBool(), has_bias = ctx->saved_data["has_bias"].toBool();
-        bool need_input = ctx->needs_input_grad(0);
-        bool need_weight = has_weight && ctx->needs_input_grad(1);
-        bool need_bias = has_bias && ctx->needs_input_grad(has_weight ? 2 : 1);
+        auto [need_input, need_weight, need_bias] = needs_of(ctx);
         Tensor dx, dweight, dbias;
         if (dy.defined()) {
             // create_graph=True, or a batched dy (is_grads_batched, torch.func): differentiable ATen operations.
@@ -269,21 +287,14 @@ struct Eval : public torch::autograd::Function<Eval> {
         auto saved = ctx->get_saved_variables();
         const Tensor &x = saved[0], &weight = saved[1], &mean = saved[2], &invstd = saved[3];
         Tensor dy = grad_outputs[0];
-        bool has_weight = ctx->saved_data["has_weight"].toBool(), has_bias = ctx->saved_data["has_bias"].toBool();
-        bool need_input = ctx->needs_input_grad(0);
-        bool need_weight = has_weight && ctx->needs_input_grad(1);
-        bool need_bias = has_bias && ctx->needs_input_grad(has_weight ? 2 : 1);
+        auto [need_input, need_weight, need_bias] = needs_of(ctx);
         Tensor dx, dweight, dbias;
         if (dy.defined()) {
             auto sizes = ctx->saved_data["sizes"].toIntVector();
             Sizes s{sizes[0], sizes[1], sizes[2]};
             if (at::GradMode::is_enabled() || !plain_tensor(dy)) {
                 // create_graph=True or a batched dy: differentiable ATen operations.
-                int64_t feature = ctx->saved_data["feature"].toInt();
-                std::vector<int64_t> dims, broadcast(x.dim(), 1);
-                for (int64_t d = 0; d < x.dim(); d++)
-                    if (d != feature) dims.push_back(d);
-                broadcast[feature] = s.features;
+                auto [dims, broadcast] = axes_of(x, ctx->saved_data["feature"].toInt());
                 auto acc = invstd.scalar_type();
                 Tensor g = dy.to(acc), inv = invstd.view(broadcast);
                 if (need_input) {
