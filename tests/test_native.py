@@ -1027,6 +1027,108 @@ def test_eval_with_gradients_has_second_derivatives() -> None:
     assert torch.autograd.gradgradcheck(op, (x, weight, bias))
 
 
+@requires_native
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize(
+    ("shape", "axis", "channels_last"),
+    [
+        ((3000, 10), 1, False),  # narrow rows: many cache-sized chunks of rows
+        ((700, 300), 1, False),  # wide rows
+        ((6, 5, 70, 70), 1, False),  # channels-first rows of 4,900 positions
+        ((4, 9, 40, 40), 1, True),  # channels-last
+        ((40, 50, 33), -1, False),  # (N, L, C) sequence
+    ],
+    ids=["narrow", "wide", "nchw", "channels-last", "sequence"],
+)
+@pytest.mark.parametrize("wanted", ["x+weight+bias", "x", "weight+bias", "bias"])
+def test_eval_backward_in_one_pass_matches_float64(
+    shape: tuple[int, ...], axis: int, channels_last: bool, dtype: torch.dtype, threads: int, wanted: str
+) -> None:
+    """The one-pass eval backward (sums and dx chunk by chunk) on tensors of many chunks, 1 and 2 threads,
+    against torch's op in float64; with 2 threads the row ranges split between them too."""
+    generator = torch.Generator().manual_seed(7)
+    x64 = 3 + 2 * torch.randn(shape, generator=generator, dtype=torch.float64)
+    dy64 = torch.randn(shape, generator=generator, dtype=torch.float64)
+    features = shape[axis]
+    weight64 = 1 + 0.5 * torch.randn(features, generator=generator, dtype=torch.float64)
+    bias64 = torch.randn(features, generator=generator, dtype=torch.float64)
+    mean64 = 3 + torch.randn(features, generator=generator, dtype=torch.float64)
+    var64 = 4 * torch.rand(features, generator=generator, dtype=torch.float64) + 0.5
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+
+    def cast(t: torch.Tensor) -> torch.Tensor:
+        t = t.to(dtype)
+        return t.contiguous(memory_format=torch.channels_last) if channels_last else t
+
+    x, dy = cast(x64), cast(dy64)
+    # the reference sees the rounded input, so only the op's own rounding differs
+    xr = x.to(torch.float64)
+    leaves = [x.requires_grad_("x" in wanted), weight64.to(acc).requires_grad_("weight" in wanted)]
+    leaves.append(bias64.to(acc).requires_grad_("bias" in wanted))
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        y = native.inference(leaves[0], mean64.to(acc), var64.to(acc), leaves[1], leaves[2], axis, EPS)
+        assert y is not None
+        wanted_leaves = [t for t in leaves if t.requires_grad]
+        grads = torch.autograd.grad(y, wanted_leaves, dy)
+    finally:
+        torch.set_num_threads(previous)
+    moved = (lambda t: t.movedim(-1, 1)) if axis == -1 else (lambda t: t)
+    ref_leaves = [xr.detach().clone(), weight64.to(acc).double(), bias64.to(acc).double()]
+    for leaf, ref in zip(leaves, ref_leaves):
+        ref.requires_grad_(leaf.requires_grad)
+    expected_y = F.batch_norm(
+        moved(ref_leaves[0]), mean64.to(acc).double(), var64.to(acc).double(), ref_leaves[1], ref_leaves[2],
+        False, 0.1, EPS,
+    )
+    expected = torch.autograd.grad(
+        expected_y, [t for t in ref_leaves if t.requires_grad], moved(dy.double())
+    )
+    tolerance = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 1e-2}[dtype]
+    for grad, reference in zip(grads, expected):
+        scale = reference.abs().max().item() + 1.0
+        assert (grad.double() - reference).abs().max().item() <= tolerance * scale
+    if leaves[0].requires_grad:
+        assert grads[0].dtype == dtype and grads[0].stride() == x.stride()
+
+
+@requires_native
+def test_eval_backward_checks_versions_and_frees_its_tensors() -> None:
+    """As torch's op: running_mean changed in place before backward, or a second backward, raise."""
+    x = torch.randn(8, 3, requires_grad=True)
+    running_mean, running_var = torch.zeros(3), torch.ones(3)
+    y = native.inference(x, running_mean, running_var, None, None, 1, EPS)
+    assert y is not None
+    running_mean.add_(1)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
+    y = native.inference(x, running_mean, running_var, None, None, 1, EPS)
+    assert y is not None
+    y.sum().backward()
+    with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+        y.sum().backward()
+
+
+@requires_native
+def test_train_backward_checks_versions_and_frees_its_tensors() -> None:
+    x = torch.randn(8, 3, requires_grad=True)
+    weight = torch.ones(3, requires_grad=True)
+    y, status = native.train(x * 1, weight, None, None, None, None, 1, 0.1, EPS)
+    assert y is not None and status == 0
+    y.sum().backward(retain_graph=True)
+    with torch.no_grad():
+        weight.mul_(2)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
+    y, _ = native.train(x * 1, weight, None, None, None, None, 1, 0.1, EPS)
+    assert y is not None
+    y.sum().backward()
+    with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+        y.sum().backward()
+
+
 # --- fallbacks: no library -----------------------------------------------------------------------------------------
 
 

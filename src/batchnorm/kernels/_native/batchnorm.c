@@ -36,6 +36,7 @@
 #define CHUNK 1024 /* feature-last: features per pass (their accumulators stay in L1) */
 #define LANES 32  /* channels-first: independent partial sums */
 #define SPAN 512  /* channels-first: positions summed before adding into double */
+#define FUSE_BYTES 32768 /* eval backward: bytes of dy whose sums and dx are done together (cache-sized) */
 #define GRAIN 32768 /* fewer values than this run on one thread (PyTorch's grain size) */
 
 enum { BN_FLOAT32 = 0, BN_FLOAT64 = 1, BN_BFLOAT16 = 2, BN_FLOAT16 = 3 };
@@ -339,6 +340,110 @@ static void affine_rows_bf16_avx2(const uint16_t *x, uint16_t *y, int64_t r0, in
 #define HAVE_BF16_AVX2 0
 #endif
 
+#if defined(__AVX2__) && defined(__FMA__)
+#define HAVE_FUSED_EVAL_BACKWARD 1
+/*
+ * The eval backward in one pass with explicit vectors (float32 and bfloat16): for rows [r0, r1), each 8
+ * values of dy and x are loaded once, added into the sums s1 += dy, s2 += dy * (x - mean) and turned into
+ * dx = dy * gain. Feature-last rows keep per-feature float accumulators (in L1) that are added into double
+ * every BLOCK rows; channels-first rows, in runs of SPAN positions, as the sums kernels do.
+ */
+#define DEFINE_FUSED_EVAL_BACKWARD(NAME, TYPE, LOAD8, STORE8, LOAD1, STORE1)                                       \
+    static void NAME(const TYPE *dy, const TYPE *x, TYPE *dx, int64_t r0, int64_t r1, int64_t C, int64_t S,        \
+                     const float *mean, const float *gain, double *s1, double *s2) {                                \
+        if (S == 1) {                                                                                              \
+            float *a1 = (float *)malloc(sizeof(float) * 2 * (size_t)C);                                            \
+            if (a1 == NULL) { /* the same sums, one value at a time */                                             \
+                for (int64_t m = r0; m < r1; m++)                                                                  \
+                    for (int64_t c = 0; c < C; c++) {                                                              \
+                        float g = LOAD1(dy[m * C + c]);                                                            \
+                        s1[c] += (double)g;                                                                        \
+                        s2[c] += (double)(g * (LOAD1(x[m * C + c]) - mean[c]));                                    \
+                        dx[m * C + c] = STORE1(g * gain[c]);                                                       \
+                    }                                                                                              \
+                return;                                                                                            \
+            }                                                                                                      \
+            float *a2 = a1 + C;                                                                                    \
+            for (int64_t rb = r0; rb < r1; rb += BLOCK) {                                                          \
+                const int64_t re = rb + BLOCK < r1 ? rb + BLOCK : r1;                                              \
+                memset(a1, 0, sizeof(float) * 2 * (size_t)C);                                                      \
+                for (int64_t m = rb; m < re; m++) {                                                                \
+                    const TYPE *gr = dy + m * C, *xr = x + m * C;                                                  \
+                    TYPE *dr = dx + m * C;                                                                         \
+                    int64_t c = 0;                                                                                 \
+                    for (; c + 8 <= C; c += 8) {                                                                   \
+                        __m256 g = LOAD8(gr + c);                                                                  \
+                        __m256 u = _mm256_sub_ps(LOAD8(xr + c), _mm256_loadu_ps(mean + c));                        \
+                        _mm256_storeu_ps(a1 + c, _mm256_add_ps(_mm256_loadu_ps(a1 + c), g));                       \
+                        _mm256_storeu_ps(a2 + c, _mm256_fmadd_ps(g, u, _mm256_loadu_ps(a2 + c)));                  \
+                        STORE8(dr + c, _mm256_mul_ps(g, _mm256_loadu_ps(gain + c)));                               \
+                    }                                                                                              \
+                    for (; c < C; c++) {                                                                           \
+                        float g = LOAD1(gr[c]);                                                                    \
+                        a1[c] += g;                                                                                \
+                        a2[c] = fmaf(g, LOAD1(xr[c]) - mean[c], a2[c]);                                            \
+                        dr[c] = STORE1(g * gain[c]);                                                               \
+                    }                                                                                              \
+                }                                                                                                  \
+                for (int64_t c = 0; c < C; c++) {                                                                  \
+                    s1[c] += (double)a1[c];                                                                        \
+                    s2[c] += (double)a2[c];                                                                        \
+                }                                                                                                  \
+            }                                                                                                      \
+            free(a1);                                                                                              \
+            return;                                                                                                \
+        }                                                                                                          \
+        for (int64_t row = r0; row < r1; row++) {                                                                  \
+            const int64_t c = row % C;                                                                             \
+            const TYPE *gr = dy + row * S, *xr = x + row * S;                                                      \
+            TYPE *dr = dx + row * S;                                                                               \
+            const __m256 k = _mm256_set1_ps(mean[c]), gn = _mm256_set1_ps(gain[c]);                                \
+            double t1 = 0.0, t2 = 0.0;                                                                             \
+            for (int64_t s0 = 0; s0 < S; s0 += SPAN) {                                                             \
+                const int64_t n = S - s0 < SPAN ? S - s0 : SPAN;                                                   \
+                __m256 v1 = _mm256_setzero_ps(), v2 = _mm256_setzero_ps();                                         \
+                __m256 w1 = _mm256_setzero_ps(), w2 = _mm256_setzero_ps();                                         \
+                int64_t s = s0;                                                                                    \
+                for (; s + 16 <= s0 + n; s += 16) {                                                                \
+                    __m256 g = LOAD8(gr + s), h = LOAD8(gr + s + 8);                                               \
+                    v1 = _mm256_add_ps(v1, g);                                                                     \
+                    w1 = _mm256_add_ps(w1, h);                                                                     \
+                    v2 = _mm256_fmadd_ps(g, _mm256_sub_ps(LOAD8(xr + s), k), v2);                                  \
+                    w2 = _mm256_fmadd_ps(h, _mm256_sub_ps(LOAD8(xr + s + 8), k), w2);                              \
+                    STORE8(dr + s, _mm256_mul_ps(g, gn));                                                          \
+                    STORE8(dr + s + 8, _mm256_mul_ps(h, gn));                                                      \
+                }                                                                                                  \
+                float l1[8], l2[8];                                                                                \
+                _mm256_storeu_ps(l1, _mm256_add_ps(v1, w1));                                                       \
+                _mm256_storeu_ps(l2, _mm256_add_ps(v2, w2));                                                       \
+                for (; s < s0 + n; s++) {                                                                          \
+                    float g = LOAD1(gr[s]);                                                                        \
+                    l1[0] += g;                                                                                    \
+                    l2[0] = fmaf(g, LOAD1(xr[s]) - mean[c], l2[0]);                                                \
+                    dr[s] = STORE1(g * gain[c]);                                                                   \
+                }                                                                                                  \
+                for (int j = 0; j < 8; j++) {                                                                      \
+                    t1 += (double)l1[j];                                                                           \
+                    t2 += (double)l2[j];                                                                           \
+                }                                                                                                  \
+            }                                                                                                      \
+            s1[c] += t1;                                                                                           \
+            s2[c] += t2;                                                                                           \
+        }                                                                                                          \
+    }
+
+#define F32_LOAD8(p) _mm256_loadu_ps(p)
+#define F32_STORE8(p, v) _mm256_storeu_ps((p), (v))
+#define F32_ONE(v) (v)
+DEFINE_FUSED_EVAL_BACKWARD(fused_eval_backward_f32, float, F32_LOAD8, F32_STORE8, F32_ONE, F32_ONE)
+#if HAVE_BF16_AVX2
+#define BF16_STORE8(p, v) _mm_storeu_si128((__m128i *)(p), bf16_pack8(v))
+DEFINE_FUSED_EVAL_BACKWARD(fused_eval_backward_bf16, uint16_t, bf16_load8, BF16_STORE8, bf16_load, bf16_store)
+#endif
+#else
+#define HAVE_FUSED_EVAL_BACKWARD 0
+#endif
+
 #define CAT2(a, b) a##_##b
 #define CAT(a, b) CAT2(a, b)
 #define FN(name) CAT(name, SUFFIX)
@@ -358,7 +463,11 @@ static void affine_rows_bf16_avx2(const uint16_t *x, uint16_t *y, int64_t r0, in
 #define STREAM_AFFINE FN(affine_rows)
 #define STREAM_INPUT_GRAD FN(input_grad_rows)
 #endif
+#if HAVE_FUSED_EVAL_BACKWARD
+#define FUSED_EVAL_BACKWARD fused_eval_backward_f32
+#endif
 #include "typed.h"
+#undef FUSED_EVAL_BACKWARD
 #undef STREAMING
 #undef STREAM_AFFINE
 #undef STREAM_INPUT_GRAD
@@ -392,7 +501,11 @@ static void affine_rows_bf16_avx2(const uint16_t *x, uint16_t *y, int64_t r0, in
 #undef AFFINE_ROWS
 #define AFFINE_ROWS affine_rows_bf16_avx2
 #endif
+#if HAVE_FUSED_EVAL_BACKWARD && HAVE_BF16_AVX2
+#define FUSED_EVAL_BACKWARD fused_eval_backward_bf16
+#endif
 #include "typed.h"
+#undef FUSED_EVAL_BACKWARD
 #undef AFFINE_ROWS
 #define AFFINE_ROWS FN(affine_rows)
 #undef T
@@ -537,6 +650,26 @@ int bn_grad_input(int dtype, const void *dy, const void *x, void *dx, int64_t B,
 #if HAVE_FLOAT16
     case BN_FLOAT16:
         return grad_input_sums_f16(dy, x, dx, B, C, S, mean, invstd, weight, sum_dy, sum_dy_xhat, count);
+#endif
+    default:
+        return -1;
+    }
+}
+
+/* Eval backward: grad_weight = sum(dy * x_hat), grad_bias = sum(dy) (when both are not NULL) and
+   dx = dy * invstd * weight (when dx is not NULL), x_hat = (x - mean) * invstd; one pass over dy and x. */
+int bn_eval_backward(int dtype, const void *dy, const void *x, void *dx, int64_t B, int64_t C, int64_t S,
+                     const void *mean, const void *invstd, const void *weight, void *grad_weight, void *grad_bias) {
+    switch (dtype) {
+    case BN_FLOAT32:
+        return eval_backward_f32(dy, x, dx, B, C, S, mean, invstd, weight, grad_weight, grad_bias);
+    case BN_FLOAT64:
+        return eval_backward_f64(dy, x, dx, B, C, S, mean, invstd, weight, grad_weight, grad_bias);
+    case BN_BFLOAT16:
+        return eval_backward_bf16(dy, x, dx, B, C, S, mean, invstd, weight, grad_weight, grad_bias);
+#if HAVE_FLOAT16
+    case BN_FLOAT16:
+        return eval_backward_f16(dy, x, dx, B, C, S, mean, invstd, weight, grad_weight, grad_bias);
 #endif
     default:
         return -1;

@@ -6,9 +6,9 @@
 //                         composite of ATen operations); returns (None, -1) for arguments it does not
 //                         take as they are, having done nothing
 //   batchnorm::inference  the fused route's eval forward; differentiable with respect to the input,
-//                         weight and bias (first derivatives by the native grad_sums and normalize
-//                         kernels, higher ones and batched gradients by ATen operations); None when the
-//                         arguments do not fit
+//                         weight and bias (first derivatives by the native eval-backward kernel,
+//                         grad_sums and dx = dy * invstd * weight in one pass; higher ones and batched
+//                         gradients by ATen operations); None when the arguments do not fit
 //   batchnorm::stats, normalize, grad_sums, grad_input
 //                         the four primitives of batchnorm.kernels (no autograd), None when declined
 //
@@ -18,12 +18,17 @@
 // that itself (cheaply, in C++) and declines otherwise.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <torch/csrc/autograd/custom_function.h>
+#include <torch/csrc/autograd/function.h>
+#include <torch/csrc/autograd/functions/utils.h>
+#include <torch/csrc/autograd/saved_variable.h>
 #include <torch/library.h>
 
 #include <cmath>
 #include <cstdint>
+#include <memory>
 #include <optional>
+#include <string>
+#include <type_traits>
 #include <tuple>
 #include <vector>
 
@@ -37,6 +42,8 @@ int bn_inference(int dtype, const void *x, void *y, int64_t B, int64_t C, int64_
                  const void *running_var, const void *weight, const void *bias, double eps);
 int bn_normalize(int dtype, const void *x, void *y, int64_t B, int64_t C, int64_t S, const void *mean,
                  const void *invstd, const void *weight, const void *bias);
+int bn_eval_backward(int dtype, const void *dy, const void *x, void *dx, int64_t B, int64_t C, int64_t S,
+                     const void *mean, const void *invstd, const void *weight, void *grad_weight, void *grad_bias);
 int bn_grad_input(int dtype, const void *dy, const void *x, void *dx, int64_t B, int64_t C, int64_t S,
                   const void *mean, const void *invstd, const void *weight, const void *sum_dy,
                   const void *sum_dy_xhat, double count);
@@ -46,7 +53,6 @@ int bn_supports(int dtype);
 namespace {
 
 using at::Tensor;
-using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
 // The code bn_* take for a dtype, -1 for one they do not know.
@@ -147,16 +153,35 @@ Axes axes_of(const Tensor &x, int64_t feature) {
     return a;
 }
 
-// Which gradients a node's backward owes: the input, then weight and bias when they were given
-// (needs_input_grad counts only the tensor inputs that were given).
+// What a backward node keeps besides its saved tensors.
+struct Meta {
+    bool has_weight = false, has_bias = false;
+    at::ScalarType bias_dtype = at::kFloat;
+    int64_t feature = 1;
+    Sizes sizes{0, 0, 0};
+    double eps = 0.0;
+};
+
+Meta meta_of(const Tensor &w, const Tensor &b, int64_t feature, const Sizes &s, double eps) {
+    Meta m;
+    m.has_weight = w.defined();
+    m.has_bias = b.defined();
+    if (b.defined()) m.bias_dtype = b.scalar_type();
+    m.feature = feature;
+    m.sizes = s;
+    m.eps = eps;
+    return m;
+}
+
+// Which gradients a node's backward owes, in the order of its next edges (input, weight, bias; an
+// absent weight or bias has an empty edge and is never owed).
 struct Needs {
     bool input, weight, bias;
 };
 
-Needs needs_of(AutogradContext *ctx) {
-    bool has_weight = ctx->saved_data["has_weight"].toBool(), has_bias = ctx->saved_data["has_bias"].toBool();
-    return {ctx->needs_input_grad(0), has_weight && ctx->needs_input_grad(1),
-            has_bias && ctx->needs_input_grad(has_weight ? 2 : 1)};
+Needs needs_of(const torch::autograd::Node &node) {
+    return {node.task_should_compute_output(0), node.task_should_compute_output(1),
+            node.task_should_compute_output(2)};
 }
 
 // The gradients as differentiable ATen operations (create_graph=True): statistics recomputed from x.
@@ -183,151 +208,144 @@ std::tuple<Tensor, Tensor, Tensor> composite_backward(const Tensor &dy, const Te
 bool plain_tensor(const Tensor &t);
 
 // The weight and bias gradients a node returns: undefined where not needed, else in the parameter's dtype.
-void parameter_gradients(AutogradContext *ctx, const Tensor &weight, bool need_weight, bool need_bias, Tensor &dweight,
-                         Tensor &dbias) {
-    if (!need_weight || !dweight.defined()) {
+void parameter_gradients(const Meta &m, const Tensor &weight, const Needs &needs, Tensor &dweight, Tensor &dbias) {
+    if (!needs.weight || !dweight.defined()) {
         dweight = Tensor();
     } else if (dweight.scalar_type() != weight.scalar_type()) {
         dweight = dweight.to(weight.scalar_type());
     }
-    if (!need_bias || !dbias.defined()) {
+    if (!needs.bias || !dbias.defined()) {
         dbias = Tensor();
-    } else {
-        auto dtype = static_cast<at::ScalarType>(ctx->saved_data["bias_dtype"].toInt());
-        if (dbias.scalar_type() != dtype) dbias = dbias.to(dtype);
+    } else if (dbias.scalar_type() != m.bias_dtype) {
+        dbias = dbias.to(m.bias_dtype);
     }
 }
 
-// The buffers a training call updates: not inputs of the autograd function (no gradient flows to them).
-struct Buffers {
-    Tensor running_mean, running_var, counter;
-};
+// A new backward node, owned the way this PyTorch's autograd owns nodes (c10::intrusive_ptr since
+// PyTorch 2.13, std::shared_ptr before).
+template <class N> auto new_node() {
+    if constexpr (std::is_base_of_v<c10::intrusive_ptr_target, N>) {
+        return c10::make_intrusive<N>();
+    } else {
+        return std::shared_ptr<N>(new N());
+    }
+}
 
-struct Train : public torch::autograd::Function<Train> {
-    static Tensor forward(AutogradContext *ctx, Tensor x, std::optional<Tensor> weight, std::optional<Tensor> bias,
-                          const Buffers *buffers, int64_t feature, std::vector<int64_t> sizes, double momentum,
-                          double eps, bool *finite) {
-        Sizes s = unpack(sizes, x);
-        Tensor w = weight.value_or(Tensor()), b = bias.value_or(Tensor());
-        Tensor y = at::empty_like(x);
-        Tensor stats = at::empty({2, s.features}, x.options().dtype(accumulation(x)));
-        *finite = run_forward(x, y, s, w, b, stats, buffers->running_mean, buffers->running_var, momentum,
-                              buffers->counter, eps);
-        ctx->save_for_backward({x, w, stats});
-        ctx->saved_data["has_weight"] = w.defined();
-        ctx->saved_data["has_bias"] = b.defined();
-        if (b.defined()) ctx->saved_data["bias_dtype"] = static_cast<int64_t>(b.scalar_type());
-        ctx->saved_data["feature"] = feature;
-        ctx->saved_data["sizes"] = sizes;
-        ctx->saved_data["eps"] = eps;
-        return y;
+// Connects a node to x, weight and bias (the three gradients its backward returns) and makes it y's grad_fn.
+template <class P>
+void attach(const P &node, const Tensor &y, const Tensor &x, const Tensor &w, const Tensor &b) {
+    node->set_next_edges(torch::autograd::collect_next_edges(x, w, b));
+    torch::autograd::set_history(y, node);
+}
+
+// The backward of a training call (one derivation: reference.py's batch_norm_backward). First derivatives
+// by the native kernels (grad_sums and grad_input in one call); with create_graph=True, or a batched dy
+// (is_grads_batched, torch.func), differentiable ATen operations. A plain torch::autograd::Node rather than a
+// torch::autograd::Function: the same graph, engine checks and saved-tensor version checks, a third of
+// the forward's bookkeeping (measured: benchmarks/README.md, dense 60x100).
+struct TrainBackward : public torch::autograd::Node {
+    torch::autograd::SavedVariable x_, weight_;
+    Tensor stats_; // (2, C): mean, invstd; no autograd history
+    Meta meta_;
+
+    std::string name() const override { return "BatchNormTrainBackward"; }
+
+    void release_variables() override {
+        x_.reset_data();
+        weight_.reset_data();
+        stats_.reset();
     }
 
-    static variable_list backward(AutogradContext *ctx, variable_list grad_outputs) {
-        auto saved = ctx->get_saved_variables();
-        const Tensor &x = saved[0], &weight = saved[1], &stats = saved[2];
-        Tensor dy = grad_outputs[0];
-        auto [need_input, need_weight, need_bias] = needs_of(ctx);
+    variable_list apply(variable_list &&grads) override {
+        Tensor x = x_.unpack(), weight = weight_.unpack();
+        const Tensor &dy = grads[0];
+        Needs needs = needs_of(*this);
         Tensor dx, dweight, dbias;
         if (dy.defined()) {
-            // create_graph=True, or a batched dy (is_grads_batched, torch.func): differentiable ATen operations.
             if (at::GradMode::is_enabled() || !plain_tensor(dy)) {
-                std::tie(dx, dweight, dbias) = composite_backward(dy, x, ctx->saved_data["feature"].toInt(), weight,
-                                                                  ctx->saved_data["eps"].toDouble(), need_input);
+                std::tie(dx, dweight, dbias) =
+                    composite_backward(dy, x, meta_.feature, weight, meta_.eps, needs.input);
             } else {
-                auto sizes = ctx->saved_data["sizes"].toIntVector();
-                Sizes s{sizes[0], sizes[1], sizes[2]};
-                std::tie(dx, dweight, dbias) = run_backward(dy, x, s, stats, weight, need_input);
+                std::tie(dx, dweight, dbias) = run_backward(dy, x, meta_.sizes, stats_, weight, needs.input);
             }
         }
-        parameter_gradients(ctx, weight, need_weight, need_bias, dweight, dbias);
-        return {need_input ? dx : Tensor(), dweight, dbias, Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
+        parameter_gradients(meta_, weight, needs, dweight, dbias);
+        return {needs.input ? dx : Tensor(), dweight, dbias};
     }
 };
-
-Tensor value_or_undefined(const std::optional<Tensor> &t) { return t.has_value() ? *t : Tensor(); }
 
 // Eval with a gradient (fine-tuning with frozen statistics, evaluation outside no_grad): y = x_hat * weight + bias
 // with x_hat = (x - running_mean) * invstd, invstd = 1 / sqrt(running_var + eps), all per feature and constant.
 // Backward (reference.py's batch_norm_inference differentiated): dx = dy * invstd * weight,
-// dweight = sum(dy * x_hat), dbias = sum(dy): the grad_sums primitive and normalize(dy, 0, invstd, weight).
-// The running statistics get no gradient, as in torch's op.
-struct Eval : public torch::autograd::Function<Eval> {
-    static Tensor forward(AutogradContext *ctx, Tensor x, std::optional<Tensor> weight, std::optional<Tensor> bias,
-                          Tensor running_mean, Tensor running_var, int64_t feature, std::vector<int64_t> sizes,
-                          double eps) {
-        Sizes s = unpack(sizes, x);
-        Tensor w = weight.value_or(Tensor()), b = bias.value_or(Tensor());
-        Tensor y = at::empty_like(x);
-        int status = bn_inference(dtype_code(x), x.const_data_ptr(), y.mutable_data_ptr(), s.batches, s.features,
-                                  s.positions, running_mean.const_data_ptr(), running_var.const_data_ptr(),
-                                  data_or_null(w), data_or_null(b), eps);
-        check_status(status, "inference");
-        // invstd as the kernel forms it: in double, then rounded to the accumulation dtype.
-        Tensor invstd = at::empty({s.features}, running_var.options());
-        if (invstd.scalar_type() == at::kDouble) {
-            const double *v = running_var.const_data_ptr<double>();
-            double *out = invstd.mutable_data_ptr<double>();
-            for (int64_t c = 0; c < s.features; c++) out[c] = 1.0 / std::sqrt(v[c] + eps);
-        } else {
-            const float *v = running_var.const_data_ptr<float>();
-            float *out = invstd.mutable_data_ptr<float>();
-            for (int64_t c = 0; c < s.features; c++) out[c] = static_cast<float>(1.0 / std::sqrt((double)v[c] + eps));
-        }
-        ctx->save_for_backward({x, w, running_mean, invstd});
-        ctx->saved_data["has_weight"] = w.defined();
-        ctx->saved_data["has_bias"] = b.defined();
-        if (b.defined()) ctx->saved_data["bias_dtype"] = static_cast<int64_t>(b.scalar_type());
-        ctx->saved_data["feature"] = feature;
-        ctx->saved_data["sizes"] = sizes;
-        return y;
+// dweight = sum(dy * x_hat), dbias = sum(dy), in one pass over dy and x (bn_eval_backward). The running
+// statistics get no gradient, as in torch's op.
+struct EvalBackward : public torch::autograd::Node {
+    torch::autograd::SavedVariable x_, weight_, mean_; // mean_: running_mean, version-checked as in torch's op
+    Tensor invstd_;                                     // (C,), from running_var at the forward
+    Meta meta_;
+
+    std::string name() const override { return "BatchNormEvalBackward"; }
+
+    void release_variables() override {
+        x_.reset_data();
+        weight_.reset_data();
+        mean_.reset_data();
+        invstd_.reset();
     }
 
-    static variable_list backward(AutogradContext *ctx, variable_list grad_outputs) {
-        auto saved = ctx->get_saved_variables();
-        const Tensor &x = saved[0], &weight = saved[1], &mean = saved[2], &invstd = saved[3];
-        Tensor dy = grad_outputs[0];
-        auto [need_input, need_weight, need_bias] = needs_of(ctx);
+    variable_list apply(variable_list &&grads) override {
+        Tensor x = x_.unpack(), weight = weight_.unpack(), mean = mean_.unpack();
+        const Tensor &dy = grads[0];
+        Needs needs = needs_of(*this);
         Tensor dx, dweight, dbias;
         if (dy.defined()) {
-            auto sizes = ctx->saved_data["sizes"].toIntVector();
-            Sizes s{sizes[0], sizes[1], sizes[2]};
             if (at::GradMode::is_enabled() || !plain_tensor(dy)) {
                 // create_graph=True or a batched dy: differentiable ATen operations.
-                auto [dims, broadcast] = axes_of(x, ctx->saved_data["feature"].toInt());
-                auto acc = invstd.scalar_type();
-                Tensor g = dy.to(acc), inv = invstd.view(broadcast);
-                if (need_input) {
+                auto [dims, broadcast] = axes_of(x, meta_.feature);
+                auto acc = invstd_.scalar_type();
+                Tensor g = dy.to(acc), inv = invstd_.view(broadcast);
+                if (needs.input) {
                     Tensor gain = weight.defined() ? inv * weight.to(acc).view(broadcast) : inv;
                     dx = (g * gain).to(x.scalar_type());
                 }
-                if (need_weight) dweight = (g * ((x.to(acc) - mean.view(broadcast)) * inv)).sum(dims);
-                if (need_bias) dbias = g.sum(dims);
+                if (needs.weight) dweight = (g * ((x.to(acc) - mean.view(broadcast)) * inv)).sum(dims);
+                if (needs.bias) dbias = g.sum(dims);
             } else {
+                const Sizes &s = meta_.sizes;
                 Tensor grad = like_input(dy, x);
-                int code = dtype_code(x);
-                if (need_weight || need_bias) {
-                    dweight = at::empty({s.features}, invstd.options());
-                    dbias = at::empty({s.features}, invstd.options());
-                    int status = bn_backward(code, grad.const_data_ptr(), x.const_data_ptr(), nullptr, s.batches,
-                                             s.features, s.positions, mean.const_data_ptr(), invstd.const_data_ptr(),
-                                             nullptr, dweight.mutable_data_ptr(), dbias.mutable_data_ptr());
-                    check_status(status, "grad_sums");
+                bool sums = needs.weight || needs.bias;
+                if (sums) {
+                    dweight = at::empty({s.features}, invstd_.options());
+                    dbias = at::empty({s.features}, invstd_.options());
                 }
-                if (need_input) {
-                    dx = at::empty_like(x);
-                    // dx = normalize(dy, mean 0 (the null pointer), invstd, weight, no bias)
-                    int status = bn_normalize(code, grad.const_data_ptr(), dx.mutable_data_ptr(), s.batches,
-                                              s.features, s.positions, nullptr, invstd.const_data_ptr(),
-                                              data_or_null(weight), nullptr);
-                    check_status(status, "normalize");
-                }
+                if (needs.input) dx = at::empty_like(x);
+                int status = bn_eval_backward(dtype_code(x), grad.const_data_ptr(), x.const_data_ptr(),
+                                              mutable_or_null(dx), s.batches, s.features, s.positions,
+                                              mean.const_data_ptr(), invstd_.const_data_ptr(), data_or_null(weight),
+                                              mutable_or_null(dweight), mutable_or_null(dbias));
+                check_status(status, "eval backward");
             }
         }
-        parameter_gradients(ctx, weight, need_weight, need_bias, dweight, dbias);
-        return {need_input ? dx : Tensor(), dweight, dbias, Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
+        parameter_gradients(meta_, weight, needs, dweight, dbias);
+        return {needs.input ? dx : Tensor(), dweight, dbias};
     }
 };
+
+// invstd as bn_inference forms it: in double, then rounded to the accumulation dtype.
+Tensor inference_invstd(const Tensor &running_var, double eps) {
+    int64_t features = running_var.numel();
+    Tensor invstd = at::empty({features}, running_var.options());
+    if (invstd.scalar_type() == at::kDouble) {
+        const double *v = running_var.const_data_ptr<double>();
+        double *out = invstd.mutable_data_ptr<double>();
+        for (int64_t c = 0; c < features; c++) out[c] = 1.0 / std::sqrt(v[c] + eps);
+    } else {
+        const float *v = running_var.const_data_ptr<float>();
+        float *out = invstd.mutable_data_ptr<float>();
+        for (int64_t c = 0; c < features; c++) out[c] = static_cast<float>(1.0 / std::sqrt((double)v[c] + eps));
+    }
+    return invstd;
+}
 
 
 bool supported(const Tensor &x) {
@@ -343,6 +361,8 @@ bool plain_tensor(const Tensor &t) {
     return t.has_storage() && !keys.has(c10::DispatchKey::FuncTorchGradWrapper) &&
            !keys.has(c10::DispatchKey::FuncTorchBatched) && !t._fw_grad(0).defined();
 }
+
+Tensor value_or_undefined(const std::optional<Tensor> &t) { return t.has_value() ? *t : Tensor(); }
 
 // The (B, C, S) block of x's memory with features at `axis`, when the kernels can take x as it is:
 // a CPU tensor of a supported dtype, non-empty, contiguous or with the features innermost and every
@@ -410,16 +430,17 @@ std::tuple<std::optional<Tensor>, int64_t> train(const Tensor &x, const std::opt
     bool cumulative = momentum < 0;
     if (rm.defined() && ((cumulative && !n.defined()) || (!cumulative && !(momentum <= 1.0))))
         return {std::nullopt, -1};
-    bool finite = true;
-    if (needs_grad(x, w, b)) {
-        Buffers buffers{rm, rv, n};
-        std::vector<int64_t> sizes{s.batches, s.features, s.positions};
-        Tensor y = Train::apply(x, weight, bias, &buffers, feature, sizes, momentum, eps, &finite);
-        return {y, finite ? 0 : 1};
-    }
     Tensor y = at::empty_like(x);
     Tensor stats = at::empty({2, s.features}, x.options().dtype(acc));
-    finite = run_forward(x, y, s, w, b, stats, rm, rv, momentum, n, eps);
+    bool finite = run_forward(x, y, s, w, b, stats, rm, rv, momentum, n, eps);
+    if (needs_grad(x, w, b)) {
+        auto node = new_node<TrainBackward>();
+        node->x_ = torch::autograd::SavedVariable(x, false);
+        node->weight_ = torch::autograd::SavedVariable(w, false);
+        node->stats_ = stats;
+        node->meta_ = meta_of(w, b, feature, s, eps);
+        attach(node, y, x, w, b);
+    }
     return {y, finite ? 0 : 1};
 }
 
@@ -436,16 +457,21 @@ std::optional<Tensor> inference(const Tensor &x, const Tensor &running_mean, con
         !plain_vector(running_mean, acc, s.features) || !plain_vector(running_var, acc, s.features))
         return std::nullopt;
     Tensor w = value_or_undefined(weight), b = value_or_undefined(bias);
-    if (needs_grad(x, w, b)) {
-        if (running_mean.requires_grad() || running_var.requires_grad()) return std::nullopt;
-        return Eval::apply(x, weight, bias, running_mean, running_var, feature,
-                           std::vector<int64_t>{s.batches, s.features, s.positions}, eps);
-    }
+    if (needs_grad(x, w, b) && (running_mean.requires_grad() || running_var.requires_grad())) return std::nullopt;
     Tensor y = at::empty_like(x);
     int status = bn_inference(dtype_code(x), x.const_data_ptr(), y.mutable_data_ptr(), s.batches, s.features,
                               s.positions, running_mean.const_data_ptr(), running_var.const_data_ptr(),
                               data_or_null(w), data_or_null(b), eps);
     check_status(status, "inference");
+    if (needs_grad(x, w, b)) {
+        auto node = new_node<EvalBackward>();
+        node->x_ = torch::autograd::SavedVariable(x, false);
+        node->weight_ = torch::autograd::SavedVariable(w, false);
+        node->mean_ = torch::autograd::SavedVariable(running_mean, false);
+        node->invstd_ = inference_invstd(running_var, eps);
+        node->meta_ = meta_of(w, b, feature, s, eps);
+        attach(node, y, x, w, b);
+    }
     return y;
 }
 

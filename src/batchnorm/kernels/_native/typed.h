@@ -9,6 +9,8 @@
  *   FN(name)   name##_<type>
  *   AFFINE_ROWS  the function writing rows of y = (x - center) * scale + offset: FN(affine_rows), or a
  *              hand-vectorized one (bfloat16 on AVX2)
+ *   FUSED_EVAL_BACKWARD  (optional) the eval backward's rows with both sums and dx in one loop of explicit
+ *              vectors (float32 and bfloat16 on AVX2)
  *   STREAMING, STREAM_AFFINE, STREAM_INPUT_GRAD
  *              1 and the float32 streaming-store versions of affine_rows and input_grad_rows,
  *              or 0 and the plain ones (for the other types)
@@ -516,5 +518,86 @@ static int FN(grad_input_sums)(const T *dy, const T *x, T *dx, int64_t B, int64_
     }
     FN(input_grad)(dy, x, dx, B, C, S, mean, gain, offset, slope);
     free(acc);
+    return 0;
+}
+
+/* Rows [r0, r1) of the eval backward: s1 += sum(dy), s2 += sum(dy * (x - mean)) (unless s1 is NULL) and
+   dx = dy * gain (unless dx is NULL), in chunks of about FUSE_BYTES of dy: a chunk's sums are taken, then its
+   dx written while the chunk is still in the cache, so dy is read from memory once. */
+static void FN(eval_backward_rows)(const T *dy, const T *x, T *dx, int64_t r0, int64_t r1, int64_t C, int64_t S,
+                                   const A *mean, const A *gain, const A *zero, double *s1, double *s2, int stream) {
+#ifdef FUSED_EVAL_BACKWARD
+    if (s1 != NULL && dx != NULL) { /* both: one loop with explicit vectors */
+        FUSED_EVAL_BACKWARD(dy, x, dx, r0, r1, C, S, mean, gain, s1, s2);
+        return;
+    }
+#endif
+    const int64_t row_bytes = (S == 1 ? C : S) * (int64_t)sizeof(T);
+    int64_t chunk = FUSE_BYTES / row_bytes;
+    if (chunk < 1) chunk = 1;
+    for (int64_t r = r0; r < r1; r += chunk) {
+        const int64_t re = r + chunk < r1 ? r + chunk : r1;
+        if (s1 != NULL) {
+            if (S == 1 && C <= NARROW)
+                FN(sums_rows_narrow)(x, dy, r, re, C, mean, s1, s2);
+            else if (S == 1)
+                FN(sums_rows)(x, dy, r, re, C, mean, s1, s2);
+            else
+                FN(sums_rows_cf)(x, dy, r, re, C, S, mean, s1, s2);
+        }
+        if (dx != NULL) {
+            if (stream)
+                STREAM_AFFINE(dy, dx, r, re, C, S, zero, gain, zero);
+            else
+                AFFINE_ROWS(dy, dx, r, re, C, S, zero, gain, zero);
+        }
+    }
+}
+
+/* Eval backward (the map y = (x - mean) * invstd * weight + bias with constant mean and invstd):
+   grad_weight = sum(dy * (x - mean)) * invstd and grad_bias = sum(dy) (both, or neither when NULL), and
+   dx = dy * (invstd * weight) unless dx is NULL; one pass over dy and x. */
+static int FN(eval_backward)(const T *dy, const T *x, T *dx, int64_t B, int64_t C, int64_t S, const A *mean,
+                             const A *invstd, const A *weight, A *grad_weight, A *grad_bias) {
+    const int threads = team_size(B * C * S);
+    const int64_t rows = S == 1 ? B : B * C;
+    const int sums = grad_weight != NULL && grad_bias != NULL;
+    const int stream = STREAMING && dx != NULL && stream_output(B * C * S * (int64_t)sizeof(T) / threads);
+    A *acc = (A *)malloc(sizeof(A) * 2 * (size_t)C);
+    double *part = (double *)calloc((size_t)threads * 2 * (size_t)C, sizeof(double));
+    if (acc == NULL || part == NULL) {
+        free(acc);
+        free(part);
+        return -2;
+    }
+    A *gain = acc, *zero = acc + C;
+    for (int64_t c = 0; c < C; c++) {
+        gain[c] = (A)(weight == NULL ? (double)invstd[c] : (double)invstd[c] * (double)weight[c]);
+        zero[c] = (A)0;
+    }
+    if (threads == 1) {
+        FN(eval_backward_rows)(dy, x, dx, 0, rows, C, S, mean, gain, zero, sums ? part : NULL, part + C, stream);
+    } else {
+#pragma omp parallel num_threads(threads)
+        {
+            int t = thread_index();
+            int64_t r0 = rows * t / threads, r1 = rows * (t + 1) / threads;
+            double *p1 = part + (size_t)t * 2 * C;
+            FN(eval_backward_rows)(dy, x, dx, r0, r1, C, S, mean, gain, zero, sums ? p1 : NULL, p1 + C, stream);
+        }
+    }
+    if (sums) {
+        for (int64_t c = 0; c < C; c++) {
+            double s1 = 0.0, s2 = 0.0;
+            for (int t = 0; t < threads; t++) {
+                s1 += part[(size_t)t * 2 * C + c];
+                s2 += part[(size_t)t * 2 * C + C + c];
+            }
+            grad_bias[c] = (A)s1;
+            grad_weight[c] = (A)(s2 * (double)invstd[c]);
+        }
+    }
+    free(acc);
+    free(part);
     return 0;
 }
