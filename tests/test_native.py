@@ -1080,18 +1080,23 @@ def test_eval_backward_in_one_pass_matches_float64(
     for leaf, ref in zip(leaves, ref_leaves):
         ref.requires_grad_(leaf.requires_grad)
     expected_y = F.batch_norm(
-        moved(ref_leaves[0]), mean64.to(acc).double(), var64.to(acc).double(), ref_leaves[1], ref_leaves[2],
-        False, 0.1, EPS,
+        moved(ref_leaves[0]),
+        mean64.to(acc).double(),
+        var64.to(acc).double(),
+        ref_leaves[1],
+        ref_leaves[2],
+        False,
+        0.1,
+        EPS,
     )
-    expected = torch.autograd.grad(
-        expected_y, [t for t in ref_leaves if t.requires_grad], moved(dy.double())
-    )
+    expected = torch.autograd.grad(expected_y, [t for t in ref_leaves if t.requires_grad], moved(dy.double()))
     tolerance = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 1e-2}[dtype]
     for grad, reference in zip(grads, expected):
         scale = reference.abs().max().item() + 1.0
         assert (grad.double() - reference).abs().max().item() <= tolerance * scale
     if leaves[0].requires_grad:
-        assert grads[0].dtype == dtype and grads[0].stride() == x.stride()
+        assert grads[0].dtype == dtype
+        assert grads[0].stride() == x.stride()
 
 
 @requires_native
@@ -1116,7 +1121,8 @@ def test_train_backward_checks_versions_and_frees_its_tensors() -> None:
     x = torch.randn(8, 3, requires_grad=True)
     weight = torch.ones(3, requires_grad=True)
     y, status = native.train(x * 1, weight, None, None, None, None, 1, 0.1, EPS)
-    assert y is not None and status == 0
+    assert y is not None
+    assert status == 0
     y.sum().backward(retain_graph=True)
     with torch.no_grad():
         weight.mul_(2)
