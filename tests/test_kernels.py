@@ -505,7 +505,7 @@ def test_the_primitives_reject_a_bad_axis_or_backend() -> None:
         kernels.grad_sums(x, x, v, v, 5)
     with pytest.raises(ValueError, match="out of range"):
         kernels.grad_input(x, x, v, v, None, v, v, 4, 2)
-    with pytest.raises(ValueError, match="expected backend to be one of native, torch, exact, got 'cuda'"):
+    with pytest.raises(ValueError, match="expected backend to be one of native, torch, exact, triton, got 'cuda'"):
         kernels.stats(x, backend="cuda")
     with pytest.raises(ValueError, match="expected backend"):
         kernels.normalize(x, v, v, backend="auto")

@@ -420,7 +420,7 @@ def batch_norm_with_status(
     """:func:`batch_norm`, also returning whether the running statistics were updated."""
     if not isinstance(input, Tensor):
         raise BatchNormArgumentError(f"expected input to be a torch.Tensor, got {type(input).__name__}")
-    chosen = kernels.plan(input, training, weight, bias)
+    chosen = kernels.plan(input, training, weight, bias, axis)
     if chosen.route == "fused":
         # The native operator checks the tensors itself (in C++) and declines what its kernels do not
         # take as they are; the scalars it would read differently are checked here. Declined: the

@@ -32,6 +32,13 @@ Backends (each provides all four):
 ``exact``
     the same formulas computed in float64 and rounded once: the readable
     reference, on any device.
+``triton``
+    Triton GPU kernels (:mod:`batchnorm.kernels.triton_ops`) for CUDA inputs in
+    the feature-last layout (channels-last, ``(N, L, C)`` with ``axis=-1``,
+    dense ``(N, C)``: memory a dense ``(M, C)`` matrix, features innermost),
+    read in place; optional (Triton imported on first use). A primitive asked
+    for ``triton`` on an input these kernels do not take runs PyTorch operations.
+    :func:`plan` picks it; it is not a kernel setting.
 
 Numerics (every backend): half-precision inputs accumulate in float32 and
 return their own dtype; the variance never comes from
@@ -52,14 +59,14 @@ import os
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
 import torch.autograd.forward_ad as forward_ad
 from torch import Tensor
 
-from batchnorm.kernels import native, torch_ops
+from batchnorm.kernels import native, torch_ops, triton_ops
 
 __all__ = [
     "BACKENDS",
@@ -77,15 +84,19 @@ __all__ = [
     "set_kernel",
     "stats",
     "torch_ops",
+    "triton_ops",
     "use_kernel",
 ]
 
 logger = logging.getLogger(__name__)
 
-Backend = Literal["native", "torch", "exact"]
+Backend = Literal["native", "torch", "exact", "triton"]
 Route = Literal["fused", "function", "composite"]
+#: The backends a kernel setting can force.
 BACKENDS: tuple[str, ...] = ("native", "torch", "exact")
 KERNELS: tuple[str, ...] = ("auto", *BACKENDS)
+#: The backends a primitive can be asked for: the forcible ones, and ``triton`` (chosen by :func:`plan`).
+_PRIMITIVE_BACKENDS: tuple[str, ...] = (*BACKENDS, "triton")
 KERNEL_ENV_VAR = "BATCHNORM_KERNEL"
 
 
@@ -185,8 +196,11 @@ class Plan:
     backend: Backend
     reason: str
     fallback: Plan | None = None
-    #: whether the host may read results (raise on a non-finite batch); not while traced or transformed
+    #: whether the op reads results on the host (raises on a non-finite batch): not while traced or
+    #: transformed, and not for CUDA inputs (it would wait for the device; the update is masked there instead)
     host_checks: bool = True
+    #: whether the host *can* read results at all (SyncBatchNorm must): not while traced or transformed, nor on meta
+    host_readable: bool = True
 
     def describe(self) -> str:
         text = f"{self.route} route, {self.backend} kernels: {self.reason}"
@@ -251,14 +265,56 @@ _EVAL_FUSED = Plan(
     Plan("composite", "torch", "arguments the fused operator does not take as they are"),
 )
 _TRAIN_NO_NATIVE = Plan("function", "torch", "native kernels unavailable here: PyTorch operations")
+_TRAIN_TRITON = Plan(
+    "function",
+    "triton",
+    "triton kernels: feature-last layout, read in place as a dense (rows, features) matrix, where PyTorch's "
+    "CUDA kernels reduce over strided outer axes or transpose (a choice not yet measured on a GPU)",
+    None,
+    False,
+)
+_TRAIN_CUDA = Plan(
+    "function",
+    "torch",
+    "PyTorch operations on CUDA (triton kernels only with the auto setting, for the feature-last layout, with "
+    "triton available; a choice not yet measured on a GPU)",
+    None,
+    False,
+)
 _COMPOSITE = {
-    "traced": Plan("composite", "torch", "traced (torch.compile, torch.export or torch.jit.trace)", None, False),
-    "transformed": Plan("composite", "torch", "torch.func transform or forward-mode AD", None, False),
+    "traced": Plan("composite", "torch", "traced (torch.compile, torch.export or torch.jit.trace)", None, False, False),
+    "transformed": Plan("composite", "torch", "torch.func transform or forward-mode AD", None, False, False),
     "empty": Plan("composite", "torch", "empty input"),
-    "meta": Plan("composite", "torch", "meta tensors: shapes only, nothing for the host to check", None, False),
+    "meta": Plan("composite", "torch", "meta tensors: shapes only, nothing for the host to check", None, False, False),
     "eval": Plan("composite", "torch", "native kernels unavailable here: PyTorch operations"),
     "exact": Plan("composite", "exact", "forced by the kernel setting"),
 }
+
+
+def _on_device(chosen: Plan) -> Plan:
+    """``chosen`` without host checks: what a CUDA input gets (reading a result on the host waits for the device)."""
+    if not chosen.host_checks:
+        return chosen
+    device_plan = _DEVICE_PLANS.get(chosen)
+    if device_plan is None:
+        device_plan = _DEVICE_PLANS[chosen] = replace(chosen, host_checks=False)
+    return device_plan
+
+
+_DEVICE_PLANS: dict[Plan, Plan] = {}
+
+
+def _other_plan(setting: str, training: bool, numel: int, input: Tensor, otherwise: Plan) -> Plan:
+    """The plan of an input the fused native route and the triton kernels do not take; ``otherwise`` for training."""
+    if numel == 0:
+        return _COMPOSITE["empty"]
+    if input.device.type == "meta":
+        return _COMPOSITE["meta"]
+    if setting == "exact":
+        return _FUNCTION["exact"] if training else _COMPOSITE["exact"]
+    if setting == "torch":
+        return _FUNCTION["torch"] if training else _COMPOSITE["eval"]
+    return otherwise if training else _COMPOSITE["eval"]
 
 
 def plan(
@@ -266,6 +322,7 @@ def plan(
     training: bool,
     weight: Tensor | None = None,
     bias: Tensor | None = None,
+    axis: int = 1,
 ) -> Plan:
     """Choose the route and backend of one call of the op: the only place that decides.
 
@@ -281,8 +338,20 @@ def plan(
        ``fused`` for training and eval (with or without a gradient). On every case of
        ``batchnorm bench`` the fused native route is the fastest measured
        (``benchmarks/README.md``);
-    5. otherwise (another device, no compiler, ``BATCHNORM_NATIVE=0``):
+    5. ``auto``, training, a CUDA input whose feature ``axis`` is innermost in a
+       dense layout (channels-last with ``axis=1``, ``(N, L, C)`` with
+       ``axis=-1``, dense ``(N, C)``: :func:`triton_ops.supports`) and Triton
+       available: ``function`` on the ``triton`` kernels, which read it in place.
+       Contiguous channels-first CUDA inputs keep PyTorch's operations. Neither
+       choice has been measured on a GPU yet;
+    6. otherwise (another device, no compiler, ``BATCHNORM_NATIVE=0``):
        ``function`` (training) / ``composite`` (eval) on PyTorch operations.
+
+    Every plan for a CUDA input has ``host_checks=False``: nothing is read back
+    on the host (which would wait for the device), so a non-finite batch does
+    not raise or get skipped on the host; the running-statistics update is
+    masked on the device instead (a non-finite batch leaves the buffers and
+    the counter as they were).
     """
     if _tracing():
         return _COMPOSITE["traced"]  # no logging: a tracer cannot follow it
@@ -298,16 +367,13 @@ def plan(
         # The common case first, in the fewest operations: a plain CPU call the native kernels take.
         if (setting == "auto" or setting == "native") and numel and input.is_cpu and native.supports(input.dtype):
             chosen = _TRAIN_FUSED if training else _EVAL_FUSED
-        elif numel == 0:
-            chosen = _COMPOSITE["empty"]
-        elif input.device.type == "meta":
-            chosen = _COMPOSITE["meta"]
-        elif setting == "exact":
-            chosen = _FUNCTION["exact"] if training else _COMPOSITE["exact"]
-        elif setting == "torch":
-            chosen = _FUNCTION["torch"] if training else _COMPOSITE["eval"]
+        elif input.is_cuda:
+            if numel and training and setting == "auto" and triton_ops.supports(input, axis) and triton_ops.available():
+                chosen = _TRAIN_TRITON
+            else:
+                chosen = _on_device(_other_plan(setting, training, numel, input, _TRAIN_CUDA))
         else:
-            chosen = _TRAIN_NO_NATIVE if training else _COMPOSITE["eval"]
+            chosen = _other_plan(setting, training, numel, input, _TRAIN_NO_NATIVE)
     if logger.isEnabledFor(logging.DEBUG):
         logger.debug(
             "batch norm %s %s %s: %s",
@@ -333,8 +399,11 @@ def _backend(x: Tensor, backend: str | None) -> str:
     """The backend a primitive runs: the one asked for (else the setting); ``native`` only where it can run."""
     if backend is None:
         backend = get_kernel()
-    elif backend not in BACKENDS:
-        raise ValueError(f"expected backend to be one of {', '.join(BACKENDS)}, got {backend!r}")
+    elif backend not in _PRIMITIVE_BACKENDS:
+        raise ValueError(f"expected backend to be one of {', '.join(_PRIMITIVE_BACKENDS)}, got {backend!r}")
+    if backend == "triton":
+        # Where the triton kernels cannot run (checked per primitive, with the axis): torch operations.
+        return "torch" if _transformed(x) else "triton"
     if backend in ("auto", "native"):
         # The same results either way (to rounding): torch operations where the native kernels cannot run.
         native_here = x.is_cpu and native.supports(x.dtype) and not _transformed(x)
@@ -365,8 +434,8 @@ def stats(x: Tensor, axis: int = 1, *, backend: str | None = None) -> tuple[int,
     Args:
         x: floating tensor with its features on ``axis``.
         axis: the feature axis.
-        backend: ``native``, ``torch`` or ``exact``; default: the setting in force
-            (``auto``: ``native`` for CPU inputs it supports, else ``torch``).
+        backend: ``native``, ``torch``, ``exact`` or ``triton`` (where its kernels apply, else ``torch``);
+            default: the setting in force (``auto``: ``native`` for CPU inputs it supports, else ``torch``).
 
     Shape:
         - x: ``(*, C, *)`` with ``C`` at ``axis``; mean, m2: ``(C,)`` in the
@@ -374,6 +443,8 @@ def stats(x: Tensor, axis: int = 1, *, backend: str | None = None) -> tuple[int,
     """
     feature = _feature(x, axis)
     chosen = _backend(x, backend)
+    if chosen == "triton" and triton_ops.applies(x, feature):
+        return triton_ops.stats(x.detach(), feature)
     if chosen == "native" and x.numel() > 0:
         result = native.stats(x.detach(), feature)
         if result is None and x.is_cpu and native.supports(x.dtype):
@@ -436,6 +507,10 @@ def normalize(
     feature = _feature(x, axis)
     chosen = _backend(x, backend)
     y = None
+    if chosen == "triton" and triton_ops.applies(x, feature):
+        if activation == "relu" or activation is None:  # fused into the kernel
+            return triton_ops.normalize(x.detach(), mean, invstd, weight, bias, feature, activation)
+        y = triton_ops.normalize(x.detach(), mean, invstd, weight, bias, feature)
     if chosen == "native" and x.numel() > 0:
         y = native.normalize(
             x.detach(),
@@ -480,6 +555,8 @@ def grad_sums(
     """
     feature = _feature(x, axis)
     chosen = _backend(x, backend) if not _transformed(dy) else "torch"
+    if chosen == "triton" and triton_ops.applies(x, feature) and dy.device == x.device:
+        return triton_ops.grad_sums(dy.detach(), x.detach(), mean, invstd, feature)
     if chosen == "native" and x.numel() > 0:
         result = native.grad_sums(dy.detach(), x.detach(), _vector(mean, x), _vector(invstd, x), feature)  # type: ignore[arg-type]
         if result is not None:
@@ -516,6 +593,8 @@ def grad_input(
     """
     feature = _feature(x, axis)
     chosen = _backend(x, backend) if not _transformed(dy) else "torch"
+    if chosen == "triton" and triton_ops.applies(x, feature) and dy.device == x.device:
+        return triton_ops.grad_input(dy.detach(), x.detach(), mean, invstd, weight, sum_dy, sum_dy_xhat, count, feature)
     if chosen == "native" and x.numel() > 0:
         dx = native.grad_input(
             dy.detach(),

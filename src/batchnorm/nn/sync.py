@@ -387,7 +387,7 @@ def _synchronized(
         raise BatchNormArgumentError(f"expected nonfinite to be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
     feature = _check_local(input, running_mean, running_var, weight, bias, momentum, eps, axis)
     chosen = kernels.plan(input, True, weight, bias)
-    if not chosen.host_checks:
+    if not chosen.host_readable:
         raise BatchNormArgumentError(
             "SyncBatchNorm cannot synchronize while traced (torch.export, torch.jit.trace), under "
             "torch.func transforms or forward-mode AD, or on meta tensors: it must read the merged statistics on "
