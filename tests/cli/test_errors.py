@@ -16,10 +16,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from batchnorm.cli import VERBS, main
 from batchnorm.cli.argtypes import MAX_PARAMETERS
 
+NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here: --device cuda is valid")
 LINUX_PROC = pytest.mark.skipif(
     not sys.platform.startswith("linux") or not Path("/proc").is_dir(), reason="needs Linux's /proc (never writable)"
 )
@@ -58,6 +60,10 @@ CASES: list[tuple[str, list[str], str]] = [
     ("train-threads-overflow", ["train", "--threads", "100000000000"], "argument --threads"),
     ("train-init-std-overflow", ["train", "--init", "normal:1e300"], "at most 100"),
     ("train-init-std-nan", ["train", "--init", "normal:nan"], "standard deviation"),
+    # ---- train: --device (the same argtype in compare, tune, explain and bench)
+    ("train-device-bogus", ["train", "--device", "bogus"], "argument --device: expected auto, cpu, cuda or cuda:N"),
+    ("train-device-cuda-no-index", ["train", "--device", "cuda:"], "argument --device: expected auto, cpu, cuda"),
+    ("train-device-index-beyond", ["train", "--device", "cuda:4096"], "argument --device: 'cuda:4096': "),
     # ---- train: model, normalization variants, validation split
     (
         "train-model-too-many-parameters",
@@ -86,6 +92,7 @@ CASES: list[tuple[str, list[str], str]] = [
     ("compare-seeds-0", ["compare", "--seeds", "0"], "argument --seeds: expected a positive integer"),
     ("compare-seeds-huge", ["compare", "--seeds", "10" * 10], "argument --seeds: expected a positive integer <= 1000"),
     ("compare-model-huge", ["compare", "--model", "cnn:1-100000-100000-10"], "argument --model: 9e+10 parameters"),
+    ("compare-device-gpu", ["compare", "--device", "gpu"], "argument --device: expected auto, cpu, cuda or cuda:N"),
     # ---- explain (its --html is another change's; these are the shared model options and its own counts)
     (
         "explain-model-313-gb",
@@ -101,6 +108,7 @@ CASES: list[tuple[str, list[str], str]] = [
     ),
     ("explain-rmax-1e300", ["explain", "--rmax", "1e300"], "argument --rmax"),
     ("explain-seed-negative", ["explain", "--seed", "-1"], "argument --seed"),
+    ("explain-device-mps", ["explain", "--device", "mps"], "argument --device: expected auto, cpu, cuda or cuda:N"),
     # ---- tune
     ("tune-out-under-a-file", ["tune", "--grid", "lr=0.1", "--out", "{file}/x"], "{file} is a file, not a folder"),
     ("tune-out-is-a-file", ["tune", "--grid", "lr=0.1", "--out", "{file}"], "{file} is a file, not a folder"),
@@ -114,6 +122,7 @@ CASES: list[tuple[str, list[str], str]] = [
     ("tune-jobs-0", ["tune", "--jobs", "0"], "argument --jobs"),
     ("tune-trial-steps-0", ["tune", "--trial-steps", "0"], "argument --trial-steps"),
     ("tune-momentum-2", ["tune", "--momentum", "2"], "argument --momentum"),
+    ("tune-device-bogus", ["tune", "--grid", "lr=1", "--device", "bogus"], "argument --device: expected auto, cpu"),
     # ---- report
     ("report-missing-folder", ["report", "{tmp}/nothing"], "argument run_dir: {tmp}/nothing does not exist"),
     ("report-a-file", ["report", "{file}"], "argument run_dir: {file} is a file, not a folder"),
@@ -129,7 +138,9 @@ CASES: list[tuple[str, list[str], str]] = [
     ("bench-shape-bad-layout", ["bench", "--shapes", "nhwc:1x2x3x4"], "argument --shapes: expected a layout"),
     ("bench-block-ms-0", ["bench", "--block-ms", "0"], "argument --block-ms: expected a number of milliseconds > 0"),
     ("bench-block-ms-nan", ["bench", "--block-ms", "nan"], "argument --block-ms"),
-    ("bench-device-unknown", ["bench", "--device", "tpu"], "argument --device: expected cpu, cuda or cuda:N"),
+    ("bench-device-unknown", ["bench", "--device", "tpu"], "argument --device: expected auto, cpu, cuda or cuda:N"),
+    ("bench-device-negative-index", ["bench", "--device", "cuda:-1"], "argument --device: expected auto, cpu, cuda"),
+    ("bench-device-index-beyond", ["bench", "--device", "cuda:4096"], "argument --device: 'cuda:4096': "),
     ("bench-repeats-0", ["bench", "--repeats", "0"], "argument --repeats"),
     ("bench-dtype-unknown", ["bench", "--dtype", "int8"], "argument --dtype"),
     # ---- fold and recalibrate: the output is checked before the checkpoint is read
@@ -159,6 +170,17 @@ CASES: list[tuple[str, list[str], str]] = [
     ("unknown-verb", ["frobnicate"], "invalid choice: 'frobnicate'"),
 ]
 
+# Where torch.cuda.is_available() is False (skipped where a GPU makes --device cuda valid).
+NO_CUDA_MESSAGE = "argument --device: 'cuda': CUDA is not available here (torch.cuda.is_available() is False)"
+NO_CUDA_CASES: list[tuple[str, list[str], str]] = [
+    ("train-device-cuda-unavailable", ["train", *SYNTHETIC, "--device", "cuda"], NO_CUDA_MESSAGE),
+    ("train-device-cuda-0-unavailable", ["train", "--device", "cuda:0"], "argument --device: 'cuda:0': CUDA is not"),
+    ("compare-device-cuda-unavailable", ["compare", "--device", "cuda"], NO_CUDA_MESSAGE),
+    ("tune-device-cuda-unavailable", ["tune", "--grid", "lr=1", "--device", "cuda"], NO_CUDA_MESSAGE),
+    ("explain-device-cuda-unavailable", ["explain", "--device", "cuda"], NO_CUDA_MESSAGE),
+    ("bench-device-cuda-unavailable", ["bench", "--device", "cuda"], NO_CUDA_MESSAGE),
+]
+
 PROC_CASES: list[tuple[str, list[str], str]] = [
     ("train-out-unwritable", ["train", "--out", "/proc/batchnorm-test/run"], "the folder /proc is not writable"),
     ("compare-out-unwritable", ["compare", "--out", "/proc/batchnorm-test"], "the folder /proc is not writable"),
@@ -173,9 +195,11 @@ PROC_CASES: list[tuple[str, list[str], str]] = [
     ),
 ]
 
-ALL_CASES = [pytest.param(argv, message, id=name) for name, argv, message in CASES] + [
-    pytest.param(argv, message, id=name, marks=LINUX_PROC) for name, argv, message in PROC_CASES
-]
+ALL_CASES = (
+    [pytest.param(argv, message, id=name) for name, argv, message in CASES]
+    + [pytest.param(argv, message, id=name, marks=LINUX_PROC) for name, argv, message in PROC_CASES]
+    + [pytest.param(argv, message, id=name, marks=NO_CUDA) for name, argv, message in NO_CUDA_CASES]
+)
 
 
 def _snapshot(root: Path) -> dict[str, bytes | None]:
@@ -199,7 +223,8 @@ def _fill(text: str, tmp: Path) -> str:
 def test_every_verb_has_bad_input_cases() -> None:
     covered = {argv[0] for _, argv, _ in CASES}
     assert set(VERBS) <= covered, f"verbs without bad-input cases: {sorted(set(VERBS) - covered)}"
-    assert len({name for name, _, _ in CASES + PROC_CASES}) == len(CASES) + len(PROC_CASES), "duplicate case ids"
+    every = CASES + PROC_CASES + NO_CUDA_CASES
+    assert len({name for name, _, _ in every}) == len(every), "duplicate case ids"
 
 
 @pytest.mark.parametrize(("argv", "message"), ALL_CASES)

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 __all__ = [
+    "DEVICE_HELP",
     "MAX_PARAMETERS",
     "MAX_RATE",
     "MAX_SEED",
@@ -26,6 +27,7 @@ __all__ = [
     "check_output_dir",
     "check_output_file",
     "comma_separated",
+    "device",
     "existing_dir",
     "fraction",
     "learning_rate",
@@ -193,6 +195,47 @@ def seed(text: str) -> int:
 def threads(text: str) -> int:
     """argparse type: CPU threads, 1 to :data:`MAX_THREADS`."""
     return _integer_between(text, 1, MAX_THREADS)
+
+
+DEVICE_HELP = (
+    "where the network and the data live: auto (default: CUDA when torch.cuda.is_available(), else the CPU), "
+    "cpu, cuda (the current CUDA device) or cuda:N (device N of torch.cuda.device_count()); resolved when "
+    "the command is read, so a missing GPU is an error before any work"
+)
+
+
+def device(text: str) -> str:
+    """argparse type: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``, resolved now to ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
+
+    ``auto`` is ``"cuda"`` when ``torch.cuda.is_available()``, else ``"cpu"``.
+    ``cuda`` without a usable GPU, and ``cuda:N`` with N at or beyond
+    ``torch.cuda.device_count()``, are refused with one line.
+    """
+    import torch
+
+    name = text.strip().lower()
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    kind, colon, index_text = name.partition(":")
+    valid = (kind == "cpu" and not colon) or (
+        kind == "cuda" and (not colon or (index_text.isascii() and index_text.isdigit()))
+    )
+    if not valid:
+        raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda or cuda:N, got {text!r}")
+    if kind == "cpu":
+        return "cpu"
+    if not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: CUDA is not available here (torch.cuda.is_available() is False); use --device cpu or auto"
+        )
+    if not colon:
+        return "cuda"
+    index, count = int(index_text), torch.cuda.device_count()
+    if index >= count:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: there is no CUDA device {index}; this machine has {count} (cuda:0 to cuda:{count - 1})"
+        )
+    return f"cuda:{index}"
 
 
 STORAGE_SCHEMES = ("sqlite", "postgresql", "postgres", "mysql")

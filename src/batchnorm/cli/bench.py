@@ -19,6 +19,7 @@ from batchnorm.cli.argtypes import (
     argument_type,
     check_output_dir,
     comma_separated,
+    device,
     memory_limit_bytes,
     output_dir,
     output_file,
@@ -39,7 +40,6 @@ from batchnorm.lab.bench import (
 __all__ = ["configure_parser", "main", "parse_shape", "run"]
 
 MAX_BLOCK_MS = 60_000.0
-DEVICES = ("cpu", "cuda")
 # Bytes per element a case may hold at once: input, output, gradients and saved statistics in float64.
 BYTES_PER_ELEMENT = 8 * 8
 
@@ -65,16 +65,6 @@ def _block_ms(text: str) -> float:
     if not 0 < value <= MAX_BLOCK_MS:
         raise argparse.ArgumentTypeError(f"expected a number of milliseconds > 0 and <= {MAX_BLOCK_MS:g}, got {text!r}")
     return value
-
-
-def _device(text: str) -> str:
-    try:
-        device = torch.device(text)
-    except (RuntimeError, ValueError):
-        device = None
-    if device is None or device.type not in DEVICES:
-        raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {text!r}")
-    return text
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
@@ -117,7 +107,15 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="target duration of one timed block in ms (default 20, 8 with --quick)",
     )
-    parser.add_argument("--device", type=_device, default="cpu", help="cpu (default), cuda or cuda:N")
+    parser.add_argument(
+        "--device",
+        type=device,
+        default="cpu",
+        metavar="DEVICE",
+        help="where the tensors live: cpu (default, unlike the training verbs: a benchmark's numbers should not "
+        "change hardware by themselves), auto (CUDA when torch.cuda.is_available(), else cpu), cuda or cuda:N; "
+        "a GPU that is not there is an error before any timing",
+    )
     parser.add_argument(
         "--explain", action="store_true", help="print which kernel path is chosen for every case, then time"
     )

@@ -11,6 +11,7 @@ from pathlib import Path
 from batchnorm.cli.argtypes import output_dir, seed_count
 from batchnorm.cli.options import (
     add_data_arguments,
+    add_device_argument,
     add_model_arguments,
     add_optimizer_arguments,
     add_validation_argument,
@@ -41,6 +42,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     add_data_arguments(parser, defaults)
     add_optimizer_arguments(parser, defaults)
     add_validation_argument(parser, defaults)
+    add_device_argument(
+        parser, "; both arms train there, recorded in results.json (finished runs are reused on any device)"
+    )
     parser.add_argument(
         "--seeds",
         type=seed_count,
@@ -67,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
         load_dataset(config.data, config.data_dir, download=True)
     started = time.perf_counter()
     try:
-        results = compare(config, args.out, seeds=args.seeds, progress=not args.no_progress)
+        results = compare(config, args.out, seeds=args.seeds, progress=not args.no_progress, device=args.device)
     except TrainingInterrupted as interrupt:
         raise KeyboardInterrupt(
             f"interrupted in the {interrupt.run} run at step {interrupt.step}; last checkpoint "
@@ -85,7 +89,8 @@ def run(args: argparse.Namespace) -> int:
         print()
     print(
         f"{config.model}, {config.act}, init {config.init}, batch {config.batch_size}, lr {config.lr}, "
-        f"momentum {config.momentum}, {config.steps} steps, seeds {', '.join(str(s) for s in results['seeds'])}; "
+        f"momentum {config.momentum}, {config.steps} steps, seeds {', '.join(str(s) for s in results['seeds'])}, "
+        f"on {results['device']}; "
         f"data: {results['dataset']}; validation split: {results['validation']}"
     )
     if results["reused_runs"]:

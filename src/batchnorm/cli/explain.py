@@ -13,6 +13,7 @@ from torch import Tensor
 from batchnorm.cli.argtypes import positive_int, seed
 from batchnorm.cli.options import (
     add_data_arguments,
+    add_device_argument,
     add_input_shape_argument,
     add_model_arguments,
     data_source,
@@ -37,7 +38,16 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser, defaults)
     add_data_arguments(parser, defaults)
     add_input_shape_argument(parser)
-    parser.add_argument("--checkpoint", default=None, metavar="CKPT", help="explain a trained model from `train`")
+    add_device_argument(
+        parser, "; the model and the batch run there, the statistics are brought back to the CPU to print"
+    )
+    parser.add_argument(
+        "--checkpoint",
+        default=None,
+        metavar="CKPT",
+        help="explain a trained model from `train` (written on any device: it is read onto the CPU, then moved "
+        "to --device)",
+    )
     parser.add_argument("--batch-size", type=positive_int, default=60, help="examples in the batch (default 60)")
     parser.add_argument("--seed", type=seed, default=0, help="seed for the init and the batch")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -117,6 +127,7 @@ def run(args: argparse.Namespace) -> int:
         requested_model=requested_model(args),
         batch_size=args.batch_size,
         download=args.download,
+        device=args.device,
     )
     batch, raw = _reshaped(batch, args.input_shape), _reshaped(raw, args.input_shape)
     pixel_stats = (pixel_stats[0].reshape(batch.shape[1:]), pixel_stats[1].reshape(batch.shape[1:]))
@@ -159,7 +170,7 @@ def run(args: argparse.Namespace) -> int:
             "variance over the batch. Use --norm batch, renorm or ghost to see BN's statistics."
         )
     else:
-        print(f"{len(records)} BN layer(s) on a batch of shape {tuple(batch.shape)}:")
+        print(f"{len(records)} BN layer(s) on a batch of shape {tuple(batch.shape)}, run on {batch.device}:")
         print(format_table(records))
         print(
             "Each BN layer owns one mean, one variance, one gamma and one beta per feature of its own input; the "

@@ -18,9 +18,11 @@ import dataclasses
 from pathlib import Path
 
 from batchnorm.cli.argtypes import (
+    DEVICE_HELP,
     MAX_RENORM_LIMIT,
     at_most,
     check_model_size,
+    device,
     fraction,
     learning_rate,
     model_spec,
@@ -48,6 +50,7 @@ from batchnorm.lab.training import TrainConfig
 
 __all__ = [
     "add_data_arguments",
+    "add_device_argument",
     "add_input_shape_argument",
     "data_argument",
     "data_source",
@@ -199,6 +202,11 @@ def add_model_arguments(parser: argparse.ArgumentParser, defaults: TrainConfig) 
         default=defaults.renorm_warmup,
         help="--norm renorm: steps of plain BN relaxing linearly to --rmax/--dmax (default %(default)s)",
     )
+
+
+def add_device_argument(parser: argparse.ArgumentParser, extra: str = "") -> None:
+    """``--device auto|cpu|cuda|cuda:N`` (train, compare, tune, explain): resolved when parsed, default auto."""
+    parser.add_argument("--device", type=device, default="auto", metavar="DEVICE", help=DEVICE_HELP + extra)
 
 
 def add_validation_argument(parser: argparse.ArgumentParser, defaults: TrainConfig) -> None:

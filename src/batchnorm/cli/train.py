@@ -13,6 +13,7 @@ from typing import Any
 from batchnorm.cli.argtypes import UsageError, output_dir, positive_int
 from batchnorm.cli.options import (
     add_data_arguments,
+    add_device_argument,
     add_model_arguments,
     add_optimizer_arguments,
     add_validation_argument,
@@ -31,6 +32,7 @@ from batchnorm.lab.training import (
     check_same_model,
     config_from_checkpoint,
     load_checkpoint,
+    resolve_device,
     resume_changes,
     train,
 )
@@ -49,12 +51,19 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         "and announced; options that change the data, batches or network are refused. A divergence guard stops "
         "a run whose loss or weights blow up (exit code 3), keeping the last good checkpoint and its metrics. "
         "A validation split (--val-fraction of each class) is held out of the "
-        "training split and reported at every evaluation next to the test split. " + THREADS_NOTE
+        "training split and reported at every evaluation next to the test split. --device puts the network and "
+        "the data on the GPU or the CPU (recorded in metrics.jsonl and the checkpoint); a checkpoint resumes on "
+        "any device. " + THREADS_NOTE
     )
     add_model_arguments(parser, defaults)
     add_data_arguments(parser, defaults)
     add_optimizer_arguments(parser, defaults)
     add_validation_argument(parser, defaults)
+    add_device_argument(
+        parser,
+        "; a resumed run may use another device than the checkpoint's; with --distributed each rank uses its own "
+        "(cuda:LOCAL_RANK with NCCL, else cpu)",
+    )
     parser.add_argument(
         "--checkpoint-every", type=positive_int, default=defaults.checkpoint_every, help="checkpoint interval"
     )
@@ -175,12 +184,17 @@ def _run(args: argparse.Namespace, distributed: Distributed | None) -> int:
             load_dataset(config.data, config.data_dir, download=True)
         overrides: dict[str, Any] = {}
         if args.resume is not None:
-            stored = config_from_checkpoint(load_checkpoint(args.resume))
+            payload = load_checkpoint(args.resume)
+            stored = config_from_checkpoint(payload)
             if args.steps is None:
                 config.steps = stored.steps
             check_same_model(requested_model(args), stored, args.resume)
             overrides = _resume_overrides(args, config)
             _, notes = resume_changes(dataclasses.replace(stored, steps=config.steps), overrides)
+            written_on = payload.get("device")
+            here = str(distributed.device if distributed is not None else resolve_device(args.device))
+            if isinstance(written_on, str) and written_on != here:
+                notes.append(f"resuming on {here} (checkpoint written on {written_on})")
             for note in notes if not quiet else ():
                 print(note, flush=True)
         result = train(
@@ -191,6 +205,7 @@ def _run(args: argparse.Namespace, distributed: Distributed | None) -> int:
             progress=not args.no_progress,
             overrides=overrides,
             distributed=distributed,
+            device=args.device,
         )
     except DivergenceError as error:
         if not quiet:
@@ -213,7 +228,7 @@ def _run(args: argparse.Namespace, distributed: Distributed | None) -> int:
         )
         return 0
     print(
-        f"done: {result.final_step} steps in {result.seconds:.1f} s, "
+        f"done: {result.final_step} steps in {result.seconds:.1f} s on {result.device}, "
         f"{_accuracies(result.val_accuracy, result.test_accuracy)}; checkpoint {result.checkpoint}"
     )
     print(f"report {write_train_report(args.out)} (loss and accuracy in train.png)")

@@ -14,6 +14,7 @@ from batchnorm.cli.argtypes import output_dir, positive_int, storage_url
 from batchnorm.cli.compare import same_command
 from batchnorm.cli.options import (
     add_data_arguments,
+    add_device_argument,
     add_model_arguments,
     add_optimizer_arguments,
     add_validation_argument,
@@ -71,6 +72,11 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     add_data_arguments(parser, defaults)
     add_optimizer_arguments(parser, defaults)
     add_validation_argument(parser, defaults)
+    add_device_argument(
+        parser,
+        "; every trial (in every --jobs worker) and the full run train there; the study does not record it, so "
+        "machines with and without a GPU can share one --storage",
+    )
     # argparse has no public way to reword an option another module added.
     steps_option = parser._option_string_actions["--steps"]
     steps_option.help = f"SGD steps of the full run with the best setting (default {defaults.steps})"
@@ -129,6 +135,7 @@ def run(args: argparse.Namespace) -> int:
             progress=not args.no_progress,
             heartbeat=args.heartbeat,
             grace=args.grace,
+            device=args.device,
         )
     except WorkerError as error:  # failed workers (each printed its own error); the study keeps what finished
         sys.stderr.write(f"batchnorm: {error}; run the same command again to resume\n")
@@ -147,7 +154,10 @@ def run(args: argparse.Namespace) -> int:
         raise KeyboardInterrupt(f"{where}; resume with the same command: {same_command(args)}") from None
     records = results["trials"]
     best_number = results["best_trial"]["number"] if results["best_trial"] else None
-    print(f"{base.model}, {base.act}, {base.data}, {base.steps} steps per trial (study {results['study']})")
+    print(
+        f"{base.model}, {base.act}, {base.data}, {base.steps} steps per trial on {results['device']} "
+        f"(study {results['study']})"
+    )
     print(format_table(results_table(records), grid, best_number))
     retried = sum(1 for r in records if r["state"] not in FINISHED_STATES)
     if retried:

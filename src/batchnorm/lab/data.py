@@ -444,6 +444,13 @@ class InputNormalizer:
     def __call__(self, images: Tensor) -> Tensor:
         return (images - self.shift) / self.scale
 
+    def to(self, device: str | torch.device) -> InputNormalizer:
+        """The same map with its tensors on ``device`` (``self`` when they are there already)."""
+        target = torch.device(device)
+        if self.shift.device == target and self.scale.device == target:
+            return self
+        return InputNormalizer(self.kind, self.shift.to(target), self.scale.to(target))
+
     def state_dict(self) -> dict[str, object]:
         return {"kind": self.kind, "shift": self.shift, "scale": self.scale}
 

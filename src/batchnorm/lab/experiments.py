@@ -72,6 +72,7 @@ from batchnorm.lab.training import (
     TrainResult,
     load_checkpoint,
     model_from_checkpoint,
+    resolve_device,
     train,
 )
 
@@ -203,7 +204,7 @@ class LayerRecorder:
             model.train(was_training)
             for buffer, saved in zip(model.buffers(), buffers):
                 buffer.copy_(saved)
-        pre = torch.cat([values[:, self.unit].flatten() for values in self.probed]).double().numpy()
+        pre = torch.cat([values[:, self.unit].flatten() for values in self.probed]).double().cpu().numpy()
         self.percentile_steps.append(step)
         for p in PERCENTILES:
             self.percentiles[str(p)].append(float(np.percentile(pre, p)))
@@ -271,8 +272,13 @@ def _run_settings(config: TrainConfig | dict[str, Any]) -> Any:
     return json.loads(json.dumps(settings))
 
 
-def _reuse(config: TrainConfig, folder: Path) -> tuple[dict[str, Any], nn.Module | None] | None:
-    """The record (and trained model) of a finished run of exactly ``config`` in ``folder``, or None."""
+def _reuse(
+    config: TrainConfig, folder: Path, device: torch.device | None = None
+) -> tuple[dict[str, Any], nn.Module | None] | None:
+    """The record (and trained model, on ``device``) of a finished run of exactly ``config`` in ``folder``, or None.
+
+    The device is not compared: a run finished on another device is reused.
+    """
     path = folder / RECORD_FILE
     try:
         saved = json.loads(path.read_text())
@@ -290,14 +296,20 @@ def _reuse(config: TrainConfig, folder: Path) -> tuple[dict[str, Any], nn.Module
     model = None
     if not record.get("diverged"):
         try:
-            model = model_from_checkpoint(folder / "checkpoint.pt")[0]
+            model = model_from_checkpoint(folder / "checkpoint.pt", device=device)[0]
         except CheckpointError:
             return None
     return record, model
 
 
 def _run_one(
-    config: TrainConfig, dataset: Dataset, probe: Tensor, out: Path, label: str, progress: bool
+    config: TrainConfig,
+    dataset: Dataset,
+    probe: Tensor,
+    out: Path,
+    label: str,
+    progress: bool,
+    device: torch.device | None = None,
 ) -> tuple[dict[str, Any], TrainResult | None]:
     recorders: list[LayerRecorder] = []
 
@@ -305,7 +317,7 @@ def _run_one(
         recorders.append(LayerRecorder(model, probe, every=config.eval_every, batch_size=config.batch_size))
         return model
 
-    record: dict[str, Any] = {"diverged": None}
+    record: dict[str, Any] = {"diverged": None, "device": str(device or "cpu")}
     result = None
     resume = _resumable(config, out / label)
     try:
@@ -318,6 +330,7 @@ def _run_one(
             progress=progress,
             description=label,
             model_override=attach,
+            device=device,
         )
         record.update(
             steps=result.steps,
@@ -370,7 +383,13 @@ ARM_NAMES = {
 
 
 def compare(
-    config: TrainConfig, out_dir: str | Path, *, seeds: int = 1, progress: bool = True, figures: bool = True
+    config: TrainConfig,
+    out_dir: str | Path,
+    *,
+    seeds: int = 1,
+    progress: bool = True,
+    figures: bool = True,
+    device: str | torch.device | None = None,
 ) -> dict[str, Any]:
     """Train ``config`` with its normalization (``config.norm``) and without, write ``results.json``, figures
     and ``report.html``.
@@ -378,7 +397,10 @@ def compare(
     The two networks share the spec, init (same seed, same generator), data,
     batches and optimizer settings; they differ only in ``norm``. With
     ``seeds`` K > 1 each arm runs with seeds ``config.seed`` to
-    ``config.seed + K - 1`` (see the module docstring).
+    ``config.seed + K - 1`` (see the module docstring). Every run trains on
+    ``device`` (default the CPU; recorded as ``"device"`` in ``results.json``
+    and in each run's record); it is not part of a run's settings, so a
+    finished or interrupted run is reused or resumed on any device.
 
     Returns:
         the content of ``results.json``.
@@ -393,6 +415,7 @@ def compare(
         raise ValueError("compare trains --norm against none: choose a normalization for --norm (default batch)")
     if seeds < 1:
         raise ValueError(f"--seeds must be a positive integer, got {seeds}")
+    run_device = resolve_device(device)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     dataset = load_dataset(config.data, config.data_dir, seed=config.seed)
@@ -407,7 +430,7 @@ def compare(
         else "none (--val-fraction 0)"
     )
     normalizer = InputNormalizer.fit(config.input_norm, training_part)
-    probe = normalizer(dataset.test_images[:1000])
+    probe = normalizer(dataset.test_images[:1000]).to(run_device)
     seed_list = [config.seed + offset for offset in range(seeds)]
     arms = {"bn": config.norm, "no_bn": "none"}
     runs: dict[str, Any] = {}
@@ -418,13 +441,13 @@ def compare(
         for label, norm in arms.items():
             run_config = dataclasses.replace(config, norm=norm, seed=seed)
             folder = label if seed == config.seed else f"{label}_seed{seed}"
-            previous = _reuse(run_config, out / folder)
+            previous = _reuse(run_config, out / folder, run_device)
             model: nn.Module | None
             if previous is not None:
                 record, model = previous
                 reused += 1
             else:
-                record, result = _run_one(run_config, dataset, probe, out, folder, progress)
+                record, result = _run_one(run_config, dataset, probe, out, folder, progress, run_device)
                 model = result.model if result is not None else None
             if seed == config.seed:
                 runs[label] = record
@@ -439,7 +462,7 @@ def compare(
     explanation: list[dict[str, Any]] = []
     if "bn" in models:
         batch = normalizer(training_part[: config.batch_size])
-        explanation = explain(models["bn"], batch)
+        explanation = explain(models["bn"], batch.to(run_device))
     summary = _summarize(runs, config)
     for label, records in seed_runs.items():
         summary[label]["over_seeds"] = _over_seeds(records, summary["checkpoints"])
@@ -451,6 +474,7 @@ def compare(
         "reused_runs": reused,
         "runs": runs,
         "config": dataclasses.asdict(config),
+        "device": str(run_device),
         "dataset": dataset.description,
         "validation": validation,
         "summary": summary,

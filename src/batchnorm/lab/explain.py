@@ -52,7 +52,7 @@ def _feature_axis(module: nn.Module, ndim: int) -> int:
 
 
 def _vector(value: Tensor | None) -> list[float] | None:
-    return None if value is None else [float(v) for v in value.detach().double().flatten()]
+    return None if value is None else value.detach().double().cpu().flatten().tolist()
 
 
 def _layout(x: Tensor, feature: int) -> str:
@@ -91,7 +91,8 @@ def explain(model: nn.Module, example_input: Tensor, *, mode: str = "train") -> 
         ``input_shape``, ``layout``, ``feature_axis``, ``reduced_axes``,
         ``num_features``, ``num_statistics``, ``values_per_statistic``,
         ``param_shape``, ``eps``, ``momentum``, ``normalizes_with``
-        (``"batch"`` or ``"running"``), and lists ``batch_mean``,
+        (``"batch"`` or ``"running"``), ``device`` (where the layer ran),
+        and lists (on the CPU, whatever the model's device) ``batch_mean``,
         ``batch_var`` (biased, computed in float64 from the layer's real
         input), ``running_mean``, ``running_var``, ``weight``, ``bias``
         (None where the layer has none).
@@ -137,6 +138,7 @@ def explain(model: nn.Module, example_input: Tensor, *, mode: str = "train") -> 
                 "weight": _vector(weight),
                 "bias": _vector(getattr(module, "bias", None)),
                 "output_shape": list(output.shape) if isinstance(output, Tensor) else None,
+                "device": str(x.device),
             }
         )
 
@@ -270,6 +272,8 @@ def explain_unit(
     the raw training set) and the ``raw_input`` batch, it also reports how
     the most variable pixel is standardized, for contrast.
 
+    The model may be on any device: the layer's input and output are copied
+    to the CPU and every number is computed there, in float64.
     The model's buffers and modes are restored afterwards.
 
     Raises:
@@ -287,8 +291,8 @@ def explain_unit(
     captured: dict[str, Tensor] = {}
 
     def hook(_: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
-        captured["input"] = inputs[0].detach()
-        captured["output"] = output.detach()
+        captured["input"] = inputs[0].detach().cpu()
+        captured["output"] = output.detach().cpu()
 
     buffers, modes = _snapshot(model)
     handle = module.register_forward_hook(hook)
@@ -458,6 +462,7 @@ def prepare(
     requested_model: dict[str, str] | None = None,
     batch_size: int = 60,
     download: bool = False,
+    device: str | torch.device | None = None,
 ) -> tuple[nn.Module, Tensor, Tensor, tuple[Tensor, Tensor]]:
     """Model, normalized batch, raw batch and the raw training set's per-pixel (mean, std).
 
@@ -465,12 +470,14 @@ def prepare(
     input normalization fit on ``config.data``'s training split; or, with
     ``checkpoint``, both come from the checkpoint, whose architecture must
     match ``requested_model``. The batch is ``batch_size`` training images
-    drawn with ``config.seed``.
+    drawn with ``config.seed``. The model and the normalized batch are put
+    on ``device`` (default the CPU; a checkpoint is read onto the CPU first,
+    whatever device wrote it); the raw batch and the pixel statistics stay on the CPU.
     """
     # Imported here: ``import batchnorm`` loads this module, and needs no data or training code.
     from batchnorm.lab.data import InputNormalizer, load_dataset
     from batchnorm.lab.models import build_model
-    from batchnorm.lab.training import check_same_model, model_from_checkpoint
+    from batchnorm.lab.training import check_same_model, model_from_checkpoint, resolve_device
 
     if checkpoint is not None:
         model, stored, normalizer, _ = model_from_checkpoint(checkpoint)
@@ -498,4 +505,5 @@ def prepare(
     indices = torch.randperm(len(dataset.train_images), generator=generator)[:batch_size]
     raw = dataset.train_images[indices]
     std, mean = torch.std_mean(dataset.train_images, dim=0)
-    return model, normalizer(raw), raw, (mean, std)
+    target = resolve_device(device)
+    return model.to(target), normalizer(raw).to(target), raw, (mean, std)

@@ -575,6 +575,7 @@ def write_train_report(run_dir: str | Path) -> Path:
         ("test_loss", "test loss"),
         ("test_accuracy", "test accuracy"),
         ("steps_per_s", "steps per second"),
+        ("device", "device"),
     ):
         if key in last:
             final_rows.append([name, last[key]])

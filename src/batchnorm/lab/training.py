@@ -57,6 +57,16 @@ every evaluation made before and gains one last line with the step, the mean
 training loss since the last evaluation and the reason (``"diverged"``), and
 the command exits with code 3.
 
+Device (``device``, ``--device``): the network, the data tensors (training,
+validation and test images and labels), the input normalization and every
+evaluation live on it; the batch sampler's generator stays on the CPU, so a
+run draws the same batches on any device. Each ``metrics.jsonl`` line and the
+checkpoint record the device (``"device": "cpu"``). The device is not part of
+the run's settings: checkpoints are saved as they are and always loaded onto
+the CPU first (``map_location="cpu"``), then moved, so a run may resume on
+another device than it started on. A distributed run uses each rank's own
+device (:mod:`batchnorm.lab.distributed`).
+
 Threads: one by default (see ``--threads``). On these small networks a
 second thread gains little, and under contention from another process
 OpenMP spin-waiting made two-thread steps 4x to 200x slower.
@@ -123,6 +133,7 @@ __all__ = [
     "evaluate",
     "load_checkpoint",
     "model_from_checkpoint",
+    "resolve_device",
     "resume_changes",
     "train",
 ]
@@ -131,6 +142,25 @@ CHECKPOINT_FORMAT = "batchnorm-checkpoint"
 CHECKPOINT_VERSION = 1
 EXIT_DIVERGED = 3
 TEST_EVALS = ("every", "final", "never")
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``device`` as a :class:`torch.device` (None is the CPU; a bare ``cuda`` gets the current CUDA device's index).
+
+    Raises:
+        ValueError: CUDA asked for but not available, or an index beyond the device count.
+    """
+    resolved = torch.device("cpu" if device is None else device)
+    if resolved.type != "cuda":
+        return resolved
+    if not torch.cuda.is_available():
+        raise ValueError(f"device {resolved}: CUDA is not available here (torch.cuda.is_available() is False)")
+    index: int | None = resolved.index  # None for a bare "cuda" (torch's stubs say int)
+    if index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    if index >= torch.cuda.device_count():
+        raise ValueError(f"device {resolved}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return resolved
 
 
 class DivergenceError(RuntimeError):
@@ -296,6 +326,7 @@ class TrainResult:
     model: nn.Module | None = None
     nothing_to_do: bool = False
     resumed_from: int | None = None
+    device: str = "cpu"  # where this session trained (``cuda:0``, ...)
 
     @property
     def final_accuracy(self) -> float:
@@ -458,8 +489,15 @@ def config_from_checkpoint(payload: dict[str, Any]) -> TrainConfig:
     return TrainConfig(**{k: v for k, v in stored.items() if k in known})
 
 
-def model_from_checkpoint(path: str | Path) -> tuple[nn.Module, TrainConfig, InputNormalizer, dict[str, Any]]:
-    """Rebuild the trained model (in eval mode), its config and input normalization from a checkpoint."""
+def model_from_checkpoint(
+    path: str | Path, device: str | torch.device | None = None
+) -> tuple[nn.Module, TrainConfig, InputNormalizer, dict[str, Any]]:
+    """Rebuild the trained model (in eval mode), its config and input normalization from a checkpoint.
+
+    The checkpoint is read onto the CPU whatever device wrote it; the model is
+    then moved to ``device`` (default: it stays on the CPU). The input
+    normalization and the returned payload stay on the CPU.
+    """
     payload = load_checkpoint(path)
     config = config_from_checkpoint(payload)
     image_size = int(payload.get("image_size", 28))
@@ -476,6 +514,8 @@ def model_from_checkpoint(path: str | Path) -> tuple[nn.Module, TrainConfig, Inp
         model.load_state_dict(payload["model"])
     except RuntimeError as error:
         raise CheckpointError(f"checkpoint {path} does not match its recorded model {config.model}: {error}") from None
+    if device is not None:
+        model.to(resolve_device(device))
     model.eval()
     return model, config, InputNormalizer.from_state_dict(payload["normalizer"]), payload
 
@@ -621,6 +661,7 @@ def train(
     test_eval: str = "every",
     overrides: Mapping[str, Any] | None = None,
     distributed: Distributed | None = None,
+    device: str | torch.device | None = None,
 ) -> TrainResult:
     """Run (or resume) one training run; see the module docstring.
 
@@ -649,6 +690,10 @@ def train(
             (:mod:`batchnorm.lab.distributed`): BN synchronized, DDP, this
             rank's slice of each global batch; only rank 0 evaluates, shows
             progress and writes ``out_dir``.
+        device: where the model, the data tensors, the input normalization
+            and the evaluations live (default the CPU; see the module
+            docstring); ignored with ``distributed``, whose ``device`` is used.
+            Not part of the config: a checkpoint from one device resumes on another.
 
     Raises:
         ValueError: invalid settings or data; :class:`CheckpointError`.
@@ -659,6 +704,7 @@ def train(
 
     if test_eval not in TEST_EVALS:
         raise ValueError(f"test_eval must be one of {', '.join(TEST_EVALS)}, got {test_eval!r}")
+    run_device = distributed.device if distributed is not None else resolve_device(device)
     payload: dict[str, Any] | None = None
     if resume is not None:
         payload = load_checkpoint(resume)
@@ -697,6 +743,7 @@ def train(
     )
     if model_override is not None:
         model = model_override(model)
+    model.to(run_device)  # before the optimizer: its state (and a resumed one) follows the parameters' device
     optimizer = torch.optim.SGD(
         model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
     )
@@ -705,7 +752,7 @@ def train(
     start_step = 0
     running_loss, running_count = 0.0, 0
     previous_seconds = 0.0
-    result = TrainResult(config=config, model=model)
+    result = TrainResult(config=config, model=model, device=str(run_device))
     if payload is not None:
         normalizer = InputNormalizer.from_state_dict(payload["normalizer"])
         model.load_state_dict(payload["model"])
@@ -727,21 +774,23 @@ def train(
                 callback.load_state_dict(state)
     else:
         normalizer = InputNormalizer.fit(config.input_norm, data.train_images)
-    train_images, test_images = normalizer(data.train_images), normalizer(data.test_images)
-    train_labels, test_labels = data.train_labels, data.test_labels
-    val_images = normalizer(data.val_images) if data.val_images is not None else None
-    val_labels = data.val_labels
+    # The data moves to the device and is normalized there; ``normalizer`` itself stays on the CPU (checkpoints).
+    normalize = normalizer.to(run_device)
+
+    def on_device(images: Tensor) -> Tensor:
+        return normalize(images.to(run_device))
+
+    train_images, test_images = on_device(data.train_images), on_device(data.test_images)
+    train_labels, test_labels = data.train_labels.to(run_device), data.test_labels.to(run_device)
+    val_images = on_device(data.val_images) if data.val_images is not None else None
+    val_labels = data.val_labels.to(run_device) if data.val_labels is not None else None
     last_eval: dict[str, Any] | None = payload.get("last_eval") if payload is not None else None
     forward = model
     if distributed is not None:
         model, forward = distributed.wrap(model, optimizer)
         result.model = model
-        train_images, train_labels = train_images.to(distributed.device), train_labels.to(distributed.device)
         if not distributed.is_main:  # rank 0 alone evaluates, shows progress and writes files
             out_dir, progress, test_eval, val_images = None, False, "never", None
-        elif val_images is not None and val_labels is not None:
-            val_images, val_labels = val_images.to(distributed.device), val_labels.to(distributed.device)
-        test_images, test_labels = test_images.to(distributed.device), test_labels.to(distributed.device)
 
     out = Path(out_dir) if out_dir is not None else None
     checkpoint_path = out / "checkpoint.pt" if out is not None else None
@@ -763,6 +812,7 @@ def train(
             "config": dataclasses.asdict(config),
             "image_size": data.image_size,
             "step": step,
+            "device": str(run_device),  # where it was written; loading always maps to the CPU first
             "model": model.state_dict(),
             "optimizer": optimizer.state_dict(),
             "sampler": sampler.state_dict(),
@@ -862,6 +912,7 @@ def train(
                     shown["test"] = f"{test_accuracy:.3f}"
                 elapsed = time.perf_counter() - started
                 metrics["steps_per_s"] = (step - start_step) / elapsed if elapsed > 0 else 0.0
+                metrics["device"] = str(run_device)
                 last_eval = dict(metrics)
                 running_loss, running_count = 0.0, 0
                 result.steps.append(step)

@@ -106,6 +106,7 @@ from batchnorm.lab.training import (
     TrainConfig,
     TrainingInterrupted,
     load_checkpoint,
+    resolve_device,
     train,
 )
 
@@ -642,6 +643,8 @@ class WorkerJob:
     (the file at ``lock_path`` for the default SQLite storage in ``--out``, or
     PostgreSQL's advisory lock), see :func:`recover`. ``heartbeat`` and
     ``grace`` are the storage's heartbeat interval and grace period in seconds.
+    ``device`` is where this machine's trials train (``cpu``, ``cuda:0``,
+    ...): not part of the study, so workers on different devices share one.
     """
 
     storage: str
@@ -653,6 +656,7 @@ class WorkerJob:
     local_only: bool
     heartbeat: int = HEARTBEAT_SECONDS
     grace: int = GRACE_SECONDS
+    device: str = "cpu"
 
 
 class _ReportToTrial:
@@ -683,11 +687,18 @@ def _find_duplicate(study: optuna.Study, trial: Trial, params: dict[str, Any]) -
     return None
 
 
-def _train_trial(trial: Trial, config: TrainConfig, dataset: Dataset) -> float:
+def _train_trial(trial: Trial, config: TrainConfig, dataset: Dataset, device: str = "cpu") -> float:
     started = time.perf_counter()
+    trial.set_user_attr("device", device)
     try:
         result = train(
-            config, None, dataset=dataset, callbacks=[_ReportToTrial(trial)], progress=False, test_eval="never"
+            config,
+            None,
+            dataset=dataset,
+            callbacks=[_ReportToTrial(trial)],
+            progress=False,
+            test_eval="never",
+            device=device,
         )
     except DivergenceError as error:
         message = str(error)
@@ -740,7 +751,7 @@ def run_worker(job: WorkerJob, dataset: Dataset | None = None, on_progress: Call
             trial.set_user_attr("duplicate_of", duplicate)
             raise optuna.TrialPruned(f"grid point already taken by trial {duplicate}")
         try:
-            return _train_trial(trial, with_params(base, params), dataset)
+            return _train_trial(trial, with_params(base, params), dataset, job.device)
         except KeyboardInterrupt as interrupt:
             # Recorded here (Optuna would log a traceback for a KeyboardInterrupt); the point is retried next time.
             where = f" at step {interrupt.step}" if isinstance(interrupt, TrainingInterrupted) else ""
@@ -796,7 +807,7 @@ def trial_records(study: optuna.Study, grid: Grid) -> list[dict[str, Any]]:
             "state": state,
             "value": trial.value if state == "complete" else None,
         }
-        for name in ("val_loss", "train_loss", "steps", "seconds", "message", "duplicate_of"):
+        for name in ("val_loss", "train_loss", "steps", "seconds", "device", "message", "duplicate_of"):
             if name in trial.user_attrs:
                 record[name] = trial.user_attrs[name]
         records.append(record)
@@ -1022,8 +1033,10 @@ diverged.</p>
 # --------------------------------------------------------------------------- the search
 
 
-def _final_run(config: TrainConfig, out: Path, dataset: Dataset, progress: bool) -> dict[str, Any]:
+def _final_run(config: TrainConfig, out: Path, dataset: Dataset, progress: bool, device: str = "cpu") -> dict[str, Any]:
     """Train the best setting for ``config.steps`` into ``out``, resuming an earlier final run of the same setting.
+
+    The run trains on ``device``; an earlier final run resumes whatever device it started on.
 
     Returns the last evaluation of ``metrics.jsonl`` (the whole run's, also
     when resumed); ``seconds`` is the training time of the whole run, over
@@ -1044,10 +1057,17 @@ def _final_run(config: TrainConfig, out: Path, dataset: Dataset, progress: bool)
             resume = checkpoint
     try:
         result = train(
-            config, out, resume=resume, dataset=dataset, progress=progress, description="final", test_eval="final"
+            config,
+            out,
+            resume=resume,
+            dataset=dataset,
+            progress=progress,
+            description="final",
+            test_eval="final",
+            device=device,
         )
     except DivergenceError as error:
-        return {"state": "diverged", "message": str(error), "steps": config.steps}
+        return {"state": "diverged", "message": str(error), "steps": config.steps, "device": device}
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
     last = lines[-1] if lines else {}
     final = {
@@ -1059,6 +1079,7 @@ def _final_run(config: TrainConfig, out: Path, dataset: Dataset, progress: bool)
         "test_loss": last.get("test_loss"),
         "train_loss": last.get("train_loss"),
         "seconds": result.seconds,
+        "device": result.device,
         "resumed_from": str(resume) if resume is not None else None,
         "checkpoint": str(result.checkpoint),
         "metrics": str(out / "metrics.jsonl"),
@@ -1107,6 +1128,7 @@ def tune(
     progress: bool = True,
     heartbeat: int = HEARTBEAT_SECONDS,
     grace: int = GRACE_SECONDS,
+    device: str | torch.device | None = None,
 ) -> dict[str, Any]:
     """Run (or resume) the grid search, then the full run of the best setting; write every output.
 
@@ -1123,6 +1145,8 @@ def tune(
         progress: progress bars on stderr.
         heartbeat: seconds between a running trial's heartbeats in the storage.
         grace: seconds without a heartbeat after which a RUNNING trial counts as dead and is trained again.
+        device: where the trials and the full run train (default the CPU); recorded in ``tune.json`` (top
+            level, each trial, the full run), not in the study, whose storage is the same on any device.
 
     Returns:
         the content of ``tune.json``.
@@ -1132,6 +1156,7 @@ def tune(
     """
     from tqdm import tqdm
 
+    run_device = str(resolve_device(device))
     base.validate()
     if base.val_fraction <= 0:
         raise ValueError("tune selects on the validation split: --val-fraction must be > 0 (default 0.1)")
@@ -1166,6 +1191,7 @@ def tune(
         local_only=storage is None or is_postgres(storage_url),
         heartbeat=heartbeat,
         grace=grace,
+        device=run_device,
     )
 
     lock = _study_lock(job)
@@ -1205,6 +1231,7 @@ def tune(
         "storage": safe_url(storage_url),
         "grid": grid,
         "base": dataclasses.asdict(base),
+        "device": run_device,
         "trial_steps": base.steps,
         "trials": records,
         "best": best["params"] if best is not None else None,
@@ -1216,7 +1243,8 @@ def tune(
     }
     if best is not None and final_steps is not None and not missing:
         final_config = dataclasses.replace(with_params(base, best["params"]), steps=final_steps)
-        results["final"] = {"params": best["params"], **_final_run(final_config, out / "final", dataset, progress)}
+        final = _final_run(final_config, out / "final", dataset, progress, run_device)
+        results["final"] = {"params": best["params"], **final}
     write_json_atomically(out / "tune.json", results, indent=2)
     heatmaps = draw_heatmaps(records, grid, out, base.steps)
     write_tune_report(out, results, heatmaps)
