@@ -1135,6 +1135,34 @@ def test_train_backward_checks_versions_and_frees_its_tensors() -> None:
         y.sum().backward()
 
 
+@requires_native
+def test_python_entry_points_equal_the_operators() -> None:
+    """With Python's headers the library is also an extension module, called directly; its functions and the
+    torch.ops operators are the same C++ functions: bit-identical results, and the same declines."""
+    import sysconfig
+
+    if (Path(sysconfig.get_paths()["include"]) / "Python.h").exists():
+        assert native._entry == "python module"
+    ops = torch.ops.batchnorm
+    x = torch.randn(7, 5, 3, dtype=torch.float64)
+    mean, var = torch.randn(5, dtype=torch.float64), torch.rand(5, dtype=torch.float64) + 0.5
+    weight, bias = torch.rand(5, dtype=torch.float64), torch.randn(5, dtype=torch.float64)
+    y = native.inference(x, mean, var, weight, bias, 1, EPS)
+    assert y is not None
+    assert torch.equal(y, ops.inference(x, mean, var, weight, bias, 1, EPS))
+    buffers = [(torch.zeros(5, dtype=torch.float64), torch.ones(5, dtype=torch.float64)) for _ in range(2)]
+    y1, status1 = native.train(x, weight, bias, *buffers[0], None, 1, 0.1, EPS)
+    y2, status2 = ops.train(x, weight, bias, *buffers[1], None, 1, 0.1, EPS)
+    assert status1 == status2 == 0
+    assert y1 is not None
+    assert torch.equal(y1, y2)
+    assert torch.equal(buffers[0][0], buffers[1][0])
+    assert torch.equal(buffers[0][1], buffers[1][1])
+    # declined alike: an integer input
+    assert native.inference(x.long(), mean, var, weight, bias, 1, EPS) is None
+    assert ops.inference(x.long(), mean, var, weight, bias, 1, EPS) is None
+
+
 # --- fallbacks: no library -----------------------------------------------------------------------------------------
 
 

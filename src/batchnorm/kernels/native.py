@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib.util
 import logging
 import os
 import platform
@@ -54,6 +55,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import threading
 from collections.abc import Iterator
@@ -156,6 +158,14 @@ def _torch_flags() -> tuple[list[str], list[str]]:
     return compile_flags, link_flags
 
 
+def _python_flags() -> list[str]:
+    """Compile flags that make the library a Python extension module too, or none without Python's headers."""
+    include = sysconfig.get_paths().get("include")
+    if not include or not (Path(include) / "Python.h").exists():
+        return []
+    return ["-DBATCHNORM_PYTHON", f"-I{include}"]
+
+
 @contextlib.contextmanager
 def _build_lock(directory: Path) -> Iterator[None]:
     """An exclusive lock on ``directory/build.lock`` (one process builds, the others wait and reuse)."""
@@ -190,14 +200,21 @@ def _compile(c_compiler: list[str], cxx_compiler: list[str], target: Path) -> st
             return "; ".join(problems)
         library = Path(work) / "native.so"
         openmp = ["-fopenmp"] if "-fopenmp" in c_flags else []
+        # With Python's headers the library is also a Python extension module (the fast entry points);
+        # without them, the torch.ops operators alone.
+        python_variants = ([_python_flags()] if _python_flags() else []) + [[]]
         for standard in _CXX_STANDARDS:
-            problem = _run([*cxx_compiler, "-O2", standard, "-fPIC", "-shared", *compile_flags,
-                            str(_SOURCE_DIR / "op.cpp"), str(objects), "-o", str(library),
-                            *link_flags, *openmp, "-lm"])  # fmt: skip
-            if problem is None:
-                os.replace(library, target)  # atomic: a reader sees no file or the whole file
-                return None
-            problems.append(f"{' '.join(cxx_compiler)} {standard}: {problem}")
+            for python_flags in python_variants:
+                python_link = ["-ltorch_python"] if python_flags else []
+                problem = _run([*cxx_compiler, "-O2", standard, "-fPIC", "-shared", *compile_flags, *python_flags,
+                                str(_SOURCE_DIR / "op.cpp"), str(objects), "-o", str(library),
+                                *link_flags, *python_link, *openmp, "-lm"])  # fmt: skip
+                if problem is None:
+                    os.replace(library, target)  # atomic: a reader sees no file or the whole file
+                    return None
+                problems.append(
+                    f"{' '.join(cxx_compiler)} {standard}{' (Python module)' if python_flags else ''}: {problem}"
+                )
         return "; ".join(problems)
 
 
@@ -241,7 +258,7 @@ class _Library:
             return False
         torch.ops.load_library(str(path))  # type: ignore[no-untyped-call]
         self.path = path
-        return _bind()
+        return _bind(_python_module(path))
 
     def _ensure_built(self) -> Path | None:
         c_compiler = _compiler_command("CC", "cc")
@@ -259,7 +276,7 @@ class _Library:
         for part in (
             " ".join(c_compiler) + _version_text(c_compiler),
             " ".join(cxx_compiler) + _version_text(cxx_compiler),
-            repr((_C_FLAG_SETS, _CXX_STANDARDS, _torch_flags())),
+            repr((_C_FLAG_SETS, _CXX_STANDARDS, _torch_flags(), _python_flags())),
             _cpu_signature(),
             torch.__version__,
             str(getattr(torch.version, "git_version", "")),
@@ -284,22 +301,41 @@ class _Library:
 _library = _Library()
 
 
-def _bind() -> bool:
-    """Look the operators up once; call them below the ``OpOverload`` wrapper, whose ``__call__`` costs ~0.5 us."""
-    global _train, _inference, _stats, _normalize, _grad_sums, _grad_input
-    ops = torch.ops.batchnorm
-    _train, _inference, _stats, _normalize, _grad_sums, _grad_input = (
-        getattr(overload, "_op", overload)
-        for overload in (
-            ops.train.default,
-            ops.inference.default,
-            ops.stats.default,
-            ops.normalize.default,
-            ops.grad_sums.default,
-            ops.grad_input.default,
-        )
-    )
+def _python_module(path: Path) -> Any:
+    """The library as a Python extension module (its functions take Python arguments directly), or ``None``
+    when it was built without Python's headers."""
+    spec = importlib.util.spec_from_file_location(_MODULE_NAME, path)
+    if spec is None or spec.loader is None:
+        return None
+    try:
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    except ImportError:  # no PyInit_batchnorm_native: the operators alone
+        return None
+    return module
+
+
+_MODULE_NAME = "batchnorm_native"
+_NAMES = ("train", "inference", "stats", "normalize", "grad_sums", "grad_input")
+
+
+def _bind(module: Any = None) -> bool:
+    """Look the entry points up once: the extension module's functions (about 3 us a call), else the
+    operators below the ``OpOverload`` wrapper (about 7 us: torch.ops parses arguments by their schema)."""
+    global _train, _inference, _stats, _normalize, _grad_sums, _grad_input, _entry
+    if module is not None and all(hasattr(module, name) for name in _NAMES):
+        functions = [getattr(module, name) for name in _NAMES]
+        _entry = "python module"
+    else:
+        ops = torch.ops.batchnorm
+        functions = [getattr(overload, "_op", overload) for overload in (getattr(ops, name).default for name in _NAMES)]
+        _entry = "torch.ops"
+    _train, _inference, _stats, _normalize, _grad_sums, _grad_input = functions
     return True
+
+
+#: how the kernels are called: "python module" or "torch.ops" (``None`` before loading)
+_entry: str | None = None
 
 
 _train: Any = None
