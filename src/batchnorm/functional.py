@@ -33,10 +33,11 @@ What this op adds to PyTorch's:
   :class:`NonfiniteBatchError` *before* any running statistic changes
   (``nonfinite="raise"``, the default), or leaves them untouched
   (``nonfinite="skip"``); PyTorch's op writes the NaN into the buffers.
-  While traced (``torch.compile``, ``torch.export``, ``torch.jit.trace``) or
-  under ``torch.func`` transforms, where raising would need the host to read
-  the statistics, such a batch is skipped (buffers and counter unchanged)
-  without raising;
+  While traced (``torch.compile``, ``torch.export``, ``torch.jit.trace``),
+  under ``torch.func`` transforms, and on CUDA devices (no host
+  synchronization), where raising would need the host to read the
+  statistics, such a batch is skipped (buffers and counter unchanged, by a
+  masked update on the device) without raising;
 * float16 and bfloat16 inputs accumulate in float32 and return their own
   dtype; the variance is always computed stably.
 """
