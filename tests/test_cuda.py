@@ -53,7 +53,8 @@ def test_training_and_eval_never_synchronize(
 
 
 def test_a_nonfinite_batch_is_skipped_on_the_device() -> None:
-    """On CUDA a NaN batch leaves the running statistics and the counter as they were, without a sync."""
+    """On CUDA a NaN batch leaves the running statistics and the counter as they were, without a sync, and
+    check_nonfinite() reports it afterwards."""
     layer = bn.BatchNorm1d(3).cuda()
     before = (layer.running_mean.clone(), layer.running_var.clone())
     x = torch.randn(8, 3, device="cuda")
@@ -66,6 +67,9 @@ def test_a_nonfinite_batch_is_skipped_on_the_device() -> None:
     assert torch.equal(layer.running_mean, before[0])
     assert torch.equal(layer.running_var, before[1])
     assert layer.num_batches_tracked.item() == 0
+    with pytest.raises(bn.NonfiniteBatchError, match="1 on cuda"):
+        bn.check_nonfinite()
+    bn.check_nonfinite()  # reset
 
 
 def test_plans_on_cuda_never_read_the_device() -> None:

@@ -742,3 +742,36 @@ def test_layers_of_one_width_share_scratch_statistics_safely() -> None:
         results.append([*outputs, *(x.grad for x in leaves), first.running_mean, first.running_var])
     for ours, theirs in zip(results[1], results[0]):
         torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+
+
+def test_a_batch_skipped_without_a_host_check_is_reported_by_check_nonfinite() -> None:
+    """Without host checks (CUDA, torch.func) a NaN batch leaves the buffers as they were and is counted on the
+    device; check_nonfinite() reads the count once, raises, and resets it. Here on the CPU through torch.func.grad,
+    whose plan has no host checks, as a CUDA plan has none."""
+    from batchnorm.functional import NonfiniteBatchError, check_nonfinite
+
+    check_nonfinite()  # nothing pending
+    layer = bn.BatchNorm1d(3)
+    before = (layer.running_mean.clone(), layer.running_var.clone())
+    x = torch.randn(8, 3)
+    x[2, 1] = float("nan")
+    params = {name: p.detach() for name, p in layer.named_parameters()}
+    buffers = dict(layer.named_buffers())
+
+    def loss(params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        return torch.func.functional_call(layer, (params, buffers), (x,)).sum()
+
+    torch.func.grad(loss)(params, x)
+    assert torch.equal(layer.running_mean, before[0])
+    assert torch.equal(layer.running_var, before[1])
+    assert layer.num_batches_tracked.item() == 0
+    with pytest.raises(NonfiniteBatchError, match="1 on cpu"):
+        check_nonfinite()
+    check_nonfinite()  # reset: nothing to report any more
+    # a finite batch under a transform is not counted; nonfinite="skip" is not counted either
+    torch.func.grad(loss)(params, torch.randn(8, 3))
+    skipping = bn.BatchNorm1d(3, nonfinite="skip")
+    torch.func.grad(lambda p, x: torch.func.functional_call(skipping, (p, dict(skipping.named_buffers())), (x,)).sum())(
+        {n: p.detach() for n, p in skipping.named_parameters()}, x
+    )
+    check_nonfinite()

@@ -19,7 +19,7 @@ Import as ``import batchnorm as bn``:
 
 from batchnorm import functional, kernels, reference
 from batchnorm.deploy import fold, recalibrate
-from batchnorm.functional import BatchNormArgumentError, NonfiniteBatchError
+from batchnorm.functional import BatchNormArgumentError, NonfiniteBatchError, check_nonfinite
 from batchnorm.kernels import native
 from batchnorm.lab.explain import explain
 from batchnorm.nn.batchnorm import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d, convert, is_batch_norm
@@ -45,6 +45,7 @@ __all__ = [
     "SyncBatchNorm",
     "SyncBatchNormError",
     "__version__",
+    "check_nonfinite",
     "convert",
     "convert_sync",
     "explain",

@@ -37,7 +37,8 @@ What this op adds to PyTorch's:
   under ``torch.func`` transforms, and on CUDA devices (no host
   synchronization), where raising would need the host to read the
   statistics, such a batch is skipped (buffers and counter unchanged, by a
-  masked update on the device) without raising;
+  masked update on the device) without raising; outside tracing it is
+  counted on the device and :func:`check_nonfinite` raises for it later;
 * float16 and bfloat16 inputs accumulate in float32 and return their own
   dtype; the variance is always computed stably.
 """
@@ -64,6 +65,7 @@ __all__ = [
     "batch_norm",
     "batch_norm_with_status",
     "check_arguments",
+    "check_nonfinite",
 ]
 
 NonfinitePolicy = Literal["raise", "skip"]
@@ -292,8 +294,10 @@ def _update_running_stats(
 
     With ``host_checks`` a non-finite batch raises :class:`NonfiniteBatchError`
     (``nonfinite="raise"``) or is skipped, decided on the host before anything
-    is written. Without (traced, transformed), the update is masked on the
-    device: a non-finite batch leaves buffers and counter as they were.
+    is written. Without (traced, transformed, CUDA), the update is masked on
+    the device: a non-finite batch leaves buffers and counter as they were and,
+    under ``nonfinite="raise"`` and not traced, is counted for
+    :func:`check_nonfinite`.
     """
     with torch.no_grad():
         if momentum is None:
@@ -329,11 +333,61 @@ def _update_running_stats(
                     False,
                 )
         ok = torch.isfinite(mean).all() & torch.isfinite(var).all()
+        countable = ok.device.type != "meta" and not kernels._tracing() and not kernels._transformed(ok)
+        if nonfinite == "raise" and countable:
+            _count_skipped(ok)
         running_mean.copy_(torch.where(ok, _blend(running_mean, mean, factor), running_mean.to(mean.dtype)))
         running_var.copy_(torch.where(ok, _blend(running_var, unbiased, factor), running_var.to(var.dtype)))
         if num_batches_tracked is not None:
             num_batches_tracked.add_(ok.to(num_batches_tracked.dtype))
         return True
+
+
+#: Per device, the training batches under ``nonfinite="raise"`` whose non-finite statistics were kept out of the
+#: running statistics on the device, without a host check (CUDA, torch.func), since the last check_nonfinite().
+_skipped_batches: dict[torch.device, Tensor] = {}
+
+
+def _count_skipped(ok: Tensor) -> None:
+    """Add 1 on ``ok``'s device to its count of skipped batches when ``ok`` is False; no host synchronization."""
+    counter = _skipped_batches.get(ok.device)
+    if counter is None:
+        if ok.is_cuda and torch.cuda.is_current_stream_capturing():
+            return  # a counter created inside a CUDA-graph capture would be reset by every replay
+        counter = _skipped_batches[ok.device] = torch.zeros((), dtype=torch.long, device=ok.device)
+    counter.add_(torch.logical_not(ok).to(torch.long))
+
+
+def check_nonfinite() -> None:
+    """Raise :class:`NonfiniteBatchError` if a training batch was skipped as non-finite since the last call.
+
+    On CUDA the op never reads its statistics on the host in the call (that
+    would wait for the device): a training batch whose mean or variance is NaN
+    or infinite is left out of the running statistics on the device (buffers
+    and ``num_batches_tracked`` unchanged) and, under ``nonfinite="raise"``,
+    counted there; so are such batches under ``torch.func`` transforms. This
+    reads the counts (one synchronization per device that has one), resets
+    them, and raises if any was not zero: call it where a synchronization is
+    acceptable (after an optimizer step whose loss is read anyway, at
+    logging). ``batchnorm train`` calls it after every step. On the CPU,
+    outside transforms, such a batch raises in the call itself, so there is
+    nothing to report here. Batches under ``nonfinite="skip"`` and while
+    traced (``torch.compile``) are not counted.
+
+    Raises:
+        NonfiniteBatchError: naming how many batches on which device.
+    """
+    found = []
+    for device, counter in list(_skipped_batches.items()):
+        count = int(counter.item())
+        if count:
+            counter.zero_()
+            found.append(f"{count} on {device}")
+    if found:
+        raise NonfiniteBatchError(
+            f"training batches with NaN or Inf statistics were left out of the running statistics "
+            f"({', '.join(found)}) since the last check; pass nonfinite='skip' to ignore such batches"
+        )
 
 
 def _unwrapped(t: Tensor) -> Tensor:

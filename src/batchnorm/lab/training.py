@@ -93,6 +93,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from batchnorm.functional import check_nonfinite
 from batchnorm.lab.data import (
     DATASETS,
     DEFAULT_VAL_FRACTION,
@@ -875,6 +876,9 @@ def train(
             loss.backward()  # type: ignore[no-untyped-call]
             if distributed is None:
                 loss_value = float(loss.detach())
+                # A non-finite batch that a device skipped without a host check (CUDA) raises here, as it
+                # would have in the forward on the CPU; reading the loss has synchronized already.
+                check_nonfinite()
             else:  # the global batch's mean loss (NaN if any rank's is) and any rank's stop request
                 loss_value, stop_agreed = distributed.agree_step(loss, len(indices), interrupt.requested)
             if config.guard:
