@@ -309,8 +309,8 @@ def explain_case(case: Case, dtype: torch.dtype, device: torch.device, kernel: s
     context = kernels.use_kernel(kernel) if kernel != "auto" else nullcontext()
     with context:
         return {
-            "train": kernels.plan(x, True).describe(),
-            "eval": kernels.plan(x, False).describe(),
+            "train": kernels.plan(x, True, axis=case.axis).describe(),
+            "eval": kernels.plan(x, False, axis=case.axis).describe(),
             "strides": "x".join(map(str, x.stride())),
         }
 

@@ -210,7 +210,7 @@ def batch_norm_act(
     if nonfinite not in functional.NONFINITE_POLICIES:
         raise ValueError(f"expected nonfinite to be one of {functional.NONFINITE_POLICIES}, got {nonfinite!r}")
     feature = functional.check_arguments(input, running_mean, running_var, weight, bias, training, momentum, eps, axis)
-    if kernels.plan(input, True, weight, bias).route == "composite":
+    if kernels.plan(input, True, weight, bias, feature).route == "composite":
         # Traced, transformed or empty: the plain composition, which PyTorch differentiates itself.
         y = functional.batch_norm(
             input, running_mean, running_var, weight, bias, True, momentum, eps, axis,

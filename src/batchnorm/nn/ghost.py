@@ -117,7 +117,7 @@ def ghost_batch_norm(
             "virtual batch of 1 sample, with a single value per feature: its variance is undefined. Use a batch "
             "size that is not 1 more than a multiple of virtual_batch_size (e.g. drop_last=True)"
         )
-    chosen = kernels.plan(input, True, weight, bias)
+    chosen = kernels.plan(input, True, weight, bias, feature)
     outputs, means, variances, counts = [], [], [], []
     for chunk in chunks:
         if chosen.route == "composite":

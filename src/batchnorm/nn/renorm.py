@@ -182,7 +182,7 @@ def batch_renorm(
             "batch statistics with them"
         )
     feature = check_arguments(input, running_mean, running_var, weight, bias, True, momentum, eps, axis)
-    chosen = kernels.plan(input, True, weight, bias)
+    chosen = kernels.plan(input, True, weight, bias, feature)
     eps = float(eps)
     if chosen.route == "composite":
         # Traced or transformed: the torch_ops primitives, differentiated by PyTorch (r and d detached).

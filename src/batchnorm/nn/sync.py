@@ -386,7 +386,7 @@ def _synchronized(
     if nonfinite not in NONFINITE_POLICIES:
         raise BatchNormArgumentError(f"expected nonfinite to be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
     feature = _check_local(input, running_mean, running_var, weight, bias, momentum, eps, axis)
-    chosen = kernels.plan(input, True, weight, bias)
+    chosen = kernels.plan(input, True, weight, bias, feature)
     if not chosen.host_readable:
         raise BatchNormArgumentError(
             "SyncBatchNorm cannot synchronize while traced (torch.export, torch.jit.trace), under "
