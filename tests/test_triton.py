@@ -343,6 +343,36 @@ def check_batch_norm_function() -> None:
                 _close(f"{label} {what}", got, ref, (1e-4 + 4 * u) * (1 + ref.abs().max()))
 
 
+def check_batch_norm_act_fused_relu() -> None:
+    # BatchNormAct's training function on the triton backend (ReLU fused into the normalize kernel, the input
+    # saved since a CUDA plan has no host checks), forward and backward, against BN + ReLU in float64.
+    from batchnorm.nn.fused import _BatchNormActFunction
+
+    for dtype in (torch.float32, torch.bfloat16):
+        for name, shape, axis, layout in LAYOUTS[:4]:
+            x = _make(shape, layout, dtype).requires_grad_()
+            feature = axis % x.dim()
+            c = x.shape[feature]
+            weight = torch.randn(c, requires_grad=True)
+            bias = torch.randn(c, requires_grad=True)
+            a, _mean, _var = _BatchNormActFunction.apply(  # type: ignore[no-untyped-call]
+                x, weight, bias, feature, EPS, "relu", 0.0, "output", "triton", False
+            )
+            dy = torch.randn(x.shape, dtype=F64).to(dtype)
+            dx, dweight, dbias = torch.autograd.grad(a, (x, weight, bias), dy)
+            xd = x.detach().to(F64).movedim(feature, 1).contiguous().requires_grad_()
+            wd = weight.detach().to(F64).requires_grad_()
+            bd = bias.detach().to(F64).requires_grad_()
+            ad = torch.relu(F.batch_norm(xd, None, None, wd, bd, training=True, eps=EPS))
+            want = torch.autograd.grad(ad, (xd, wd, bd), dy.to(F64).movedim(feature, 1).contiguous())
+            label = f"act {name} {dtype}"
+            assert a.stride() == x.stride(), label
+            u = _unit(dtype)
+            _close(f"{label} a", a.movedim(feature, 1), ad.detach(), 1e-4 + 2 * u * (1 + ad.detach().abs()))
+            for got, ref, what in zip((dx.movedim(feature, 1), dweight, dbias), want, ("dx", "dweight", "dbias")):
+                _close(f"{label} {what}", got, ref, (1e-4 + 4 * u) * (1 + ref.abs().max()))
+
+
 CHECKS: dict[str, Callable[[], None]] = {
     name.removeprefix("check_"): function for name, function in globals().items() if name.startswith("check_")
 }

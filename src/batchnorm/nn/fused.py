@@ -103,15 +103,24 @@ class _BatchNormActFunction(torch.autograd.Function):
         activation: str,
         negative_slope: float,
         recompute: str,
+        backend: str,
+        host_checks: bool,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        count, mean, m2 = kernels.stats(x, feature)
+        count, mean, m2 = kernels.stats(x, feature, backend=backend)
         var = m2 / count
         inv_std = torch.rsqrt(var + eps)
-        z = kernels.normalize(x, mean, inv_std, weight, bias, feature)
-        a = _activate(z, activation, negative_slope)
+        if activation == "leaky_relu":
+            a = _activate(
+                kernels.normalize(x, mean, inv_std, weight, bias, feature, backend=backend), activation, negative_slope
+            )
+        else:  # in the normalize kernel where the backend fuses it (triton: relu), else in place on its output
+            a = kernels.normalize(x, mean, inv_std, weight, bias, feature, activation=activation, backend=backend)
         from_output = recompute == "output" and _invertible(activation, negative_slope)
         if from_output and weight is not None:
-            from_output = bool(weight.detach().abs().min() >= _MIN_GAIN_FOR_INVERSION)
+            # Whether every |weight| is large enough to divide by is read on the host; where the host must not
+            # wait for the device (CUDA), the input is saved instead.
+            from_output = host_checks and bool(weight.detach().abs().min() >= _MIN_GAIN_FOR_INVERSION)
+        ctx.backend = backend
         ctx.from_output = from_output
         ctx.activation = activation
         ctx.negative_slope = negative_slope
@@ -124,7 +133,7 @@ class _BatchNormActFunction(torch.autograd.Function):
     @staticmethod
     def backward(
         ctx: Any, grad_output: Tensor, _grad_mean: Tensor | None, _grad_var: Tensor | None
-    ) -> tuple[Tensor | None, Tensor | None, Tensor | None, None, None, None, None, None]:
+    ) -> tuple[Tensor | None, Tensor | None, Tensor | None, None, None, None, None, None, None, None]:
         if torch.is_grad_enabled():
             raise RuntimeError(
                 "BatchNormAct does not support double backward (create_graph=True): its backward "
@@ -149,17 +158,21 @@ class _BatchNormActFunction(torch.autograd.Function):
         grad_z = grad_output.to(acc) * _derivative_from_output(a, ctx.activation, ctx.negative_slope)
         # The primitives on x_hat itself (mean 0, inverse std 1) with the gain in place of the weight.
         zeros, ones = torch.zeros_like(mean), torch.ones_like(mean)
-        sum_grad_z, sum_grad_z_x_hat = kernels.grad_sums(grad_z, x_hat, zeros, ones, feature)  # dbeta, dgamma
+        sum_grad_z, sum_grad_z_x_hat = kernels.grad_sums(  # dbeta, dgamma
+            grad_z, x_hat, zeros, ones, feature, backend=ctx.backend
+        )
         need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
         grad_input = None
         if need_input:
             grad_input = kernels.grad_input(
-                grad_z, x_hat, zeros, ones, gain, sum_grad_z, sum_grad_z_x_hat, ctx.count, feature
+                grad_z, x_hat, zeros, ones, gain, sum_grad_z, sum_grad_z_x_hat, ctx.count, feature, backend=ctx.backend
             ).to(saved.dtype)
         return (
             grad_input,
             sum_grad_z_x_hat.to(weight.dtype) if need_weight else None,
             sum_grad_z.to(bias.dtype) if need_bias else None,
+            None,
+            None,
             None,
             None,
             None,
@@ -210,7 +223,8 @@ def batch_norm_act(
     if nonfinite not in functional.NONFINITE_POLICIES:
         raise ValueError(f"expected nonfinite to be one of {functional.NONFINITE_POLICIES}, got {nonfinite!r}")
     feature = functional.check_arguments(input, running_mean, running_var, weight, bias, training, momentum, eps, axis)
-    if kernels.plan(input, True, weight, bias, feature).route == "composite":
+    chosen = kernels.plan(input, True, weight, bias, feature)
+    if chosen.route == "composite":
         # Traced, transformed or empty: the plain composition, which PyTorch differentiates itself.
         y = functional.batch_norm(
             input, running_mean, running_var, weight, bias, True, momentum, eps, axis,
@@ -218,7 +232,16 @@ def batch_norm_act(
         )  # fmt: skip
         return _activate(y, activation, float(negative_slope))
     a, mean, var = _BatchNormActFunction.apply(  # type: ignore[no-untyped-call]
-        input, weight, bias, feature, float(eps), activation, float(negative_slope), recompute
+        input,
+        weight,
+        bias,
+        feature,
+        float(eps),
+        activation,
+        float(negative_slope),
+        recompute,
+        chosen.backend,
+        chosen.host_checks,
     )
     if running_mean is not None and running_var is not None:
         functional._update_running_stats(
@@ -230,7 +253,7 @@ def batch_norm_act(
             momentum,
             num_batches_tracked,
             nonfinite,
-            True,
+            chosen.host_checks,
         )
     result: Tensor = a
     return result
