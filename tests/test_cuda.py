@@ -128,3 +128,28 @@ def test_cuda_graph_capture_and_replay_equal_eager(channels_last: bool) -> None:
         torch.testing.assert_close(static_loss, expected)
     for name, value in eager.state_dict().items():
         torch.testing.assert_close(graphed.state_dict()[name], value, msg=name)
+
+
+def test_compile_reduce_overhead_trains_like_eager() -> None:
+    """torch.compile(mode="reduce-overhead") (CUDA graphs where Inductor can use them): the same losses,
+    parameters and running statistics as eager over a few SGD steps."""
+    import copy
+
+    torch.manual_seed(0)
+    eager = _model()
+    compiled_model = copy.deepcopy(eager)
+    compiled = torch.compile(compiled_model, mode="reduce-overhead")
+    eager_opt = torch.optim.SGD(eager.parameters(), lr=0.1)
+    compiled_opt = torch.optim.SGD(compiled_model.parameters(), lr=0.1)
+    for _ in range(4):
+        x = torch.randn(6, 3, 12, 12, device="cuda")
+        losses = []
+        for model, optimizer in ((eager, eager_opt), (compiled, compiled_opt)):
+            optimizer.zero_grad()
+            loss = model(x).square().mean()
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.detach().clone())
+        torch.testing.assert_close(losses[1], losses[0], rtol=1e-4, atol=1e-5)
+    for name, value in eager.state_dict().items():
+        torch.testing.assert_close(compiled_model.state_dict()[name], value, rtol=1e-4, atol=1e-5, msg=name)
