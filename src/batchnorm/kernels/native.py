@@ -202,7 +202,8 @@ def _compile(c_compiler: list[str], cxx_compiler: list[str], target: Path) -> st
         openmp = ["-fopenmp"] if "-fopenmp" in c_flags else []
         # With Python's headers the library is also a Python extension module (the fast entry points);
         # without them, the torch.ops operators alone.
-        python_variants = ([_python_flags()] if _python_flags() else []) + [[]]
+        module_flags = _python_flags()
+        python_variants = ([module_flags] if module_flags else []) + [[]]
         for standard in _CXX_STANDARDS:
             for python_flags in python_variants:
                 python_link = ["-ltorch_python"] if python_flags else []

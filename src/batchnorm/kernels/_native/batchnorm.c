@@ -36,7 +36,6 @@
 #define CHUNK 1024 /* feature-last: features per pass (their accumulators stay in L1) */
 #define LANES 32  /* channels-first: independent partial sums */
 #define SPAN 512  /* channels-first: positions summed before adding into double */
-#define FUSE_BYTES 32768 /* eval backward: bytes of dy whose sums and dx are done together (cache-sized) */
 #define GRAIN 32768 /* fewer values than this run on one thread (PyTorch's grain size) */
 
 enum { BN_FLOAT32 = 0, BN_FLOAT64 = 1, BN_BFLOAT16 = 2, BN_FLOAT16 = 3 };
@@ -449,6 +448,7 @@ DEFINE_FUSED_EVAL_BACKWARD(fused_eval_backward_bf16, uint16_t, bf16_load8, BF16_
 #define FN(name) CAT(name, SUFFIX)
 
 #define AFFINE_ROWS FN(affine_rows)
+#define FUSES_DX 0 /* 1 where FUSED_EVAL_BACKWARD is defined */
 #define T float
 #define A float
 #define LOAD(v) (v)
@@ -465,9 +465,13 @@ DEFINE_FUSED_EVAL_BACKWARD(fused_eval_backward_bf16, uint16_t, bf16_load8, BF16_
 #endif
 #if HAVE_FUSED_EVAL_BACKWARD
 #define FUSED_EVAL_BACKWARD fused_eval_backward_f32
+#undef FUSES_DX
+#define FUSES_DX 1
 #endif
 #include "typed.h"
 #undef FUSED_EVAL_BACKWARD
+#undef FUSES_DX
+#define FUSES_DX 0
 #undef STREAMING
 #undef STREAM_AFFINE
 #undef STREAM_INPUT_GRAD
@@ -503,9 +507,13 @@ DEFINE_FUSED_EVAL_BACKWARD(fused_eval_backward_bf16, uint16_t, bf16_load8, BF16_
 #endif
 #if HAVE_FUSED_EVAL_BACKWARD && HAVE_BF16_AVX2
 #define FUSED_EVAL_BACKWARD fused_eval_backward_bf16
+#undef FUSES_DX
+#define FUSES_DX 1
 #endif
 #include "typed.h"
 #undef FUSED_EVAL_BACKWARD
+#undef FUSES_DX
+#define FUSES_DX 0
 #undef AFFINE_ROWS
 #define AFFINE_ROWS FN(affine_rows)
 #undef T
@@ -531,6 +539,28 @@ DEFINE_FUSED_EVAL_BACKWARD(fused_eval_backward_bf16, uint16_t, bf16_load8, BF16_
 #define HAVE_FLOAT16 0
 #endif
 
+/* An entry point's body: the kernel `name` of the dtype's instance (name_f32, ...), -1 for a dtype this build
+   has no kernels for. */
+#if HAVE_FLOAT16
+#define FLOAT16_CASE(name, ...)                                                                                    \
+    case BN_FLOAT16:                                                                                               \
+        return name##_f16(__VA_ARGS__);
+#else
+#define FLOAT16_CASE(name, ...)
+#endif
+#define DISPATCH(name, ...)                                                                                        \
+    switch (dtype) {                                                                                               \
+    case BN_FLOAT32:                                                                                               \
+        return name##_f32(__VA_ARGS__);                                                                            \
+    case BN_FLOAT64:                                                                                               \
+        return name##_f64(__VA_ARGS__);                                                                            \
+    case BN_BFLOAT16:                                                                                              \
+        return name##_bf16(__VA_ARGS__);                                                                           \
+        FLOAT16_CASE(name, __VA_ARGS__)                                                                            \
+    default:                                                                                                       \
+        return -1;                                                                                                 \
+    }
+
 /* Version of this interface; batchnorm.native refuses a library reporting another. */
 int bn_version(void) { return 1; }
 
@@ -555,24 +585,8 @@ int bn_team_size(int64_t numel) { return team_size(numel); }
 int bn_forward(int dtype, const void *x, void *y, int64_t B, int64_t C, int64_t S, const void *weight,
                const void *bias, void *mean_out, void *invstd_out, void *var_out, void *running_mean,
                void *running_var, double momentum, int64_t *counter, double eps) {
-    switch (dtype) {
-    case BN_FLOAT32:
-        return forward_f32(x, y, B, C, S, weight, bias, mean_out, invstd_out, var_out, running_mean, running_var,
-                           momentum, counter, eps);
-    case BN_FLOAT64:
-        return forward_f64(x, y, B, C, S, weight, bias, mean_out, invstd_out, var_out, running_mean, running_var,
-                           momentum, counter, eps);
-    case BN_BFLOAT16:
-        return forward_bf16(x, y, B, C, S, weight, bias, mean_out, invstd_out, var_out, running_mean, running_var,
-                            momentum, counter, eps);
-#if HAVE_FLOAT16
-    case BN_FLOAT16:
-        return forward_f16(x, y, B, C, S, weight, bias, mean_out, invstd_out, var_out, running_mean, running_var,
-                           momentum, counter, eps);
-#endif
-    default:
-        return -1;
-    }
+    DISPATCH(forward, x, y, B, C, S, weight, bias, mean_out, invstd_out, var_out, running_mean, running_var, momentum,
+             counter, eps);
 }
 
 /*
@@ -582,96 +596,32 @@ int bn_forward(int dtype, const void *x, void *y, int64_t B, int64_t C, int64_t 
  */
 int bn_backward(int dtype, const void *dy, const void *x, void *dx, int64_t B, int64_t C, int64_t S,
                 const void *mean, const void *invstd, const void *weight, void *grad_weight, void *grad_bias) {
-    switch (dtype) {
-    case BN_FLOAT32:
-        return backward_f32(dy, x, dx, B, C, S, mean, invstd, weight, grad_weight, grad_bias);
-    case BN_FLOAT64:
-        return backward_f64(dy, x, dx, B, C, S, mean, invstd, weight, grad_weight, grad_bias);
-    case BN_BFLOAT16:
-        return backward_bf16(dy, x, dx, B, C, S, mean, invstd, weight, grad_weight, grad_bias);
-#if HAVE_FLOAT16
-    case BN_FLOAT16:
-        return backward_f16(dy, x, dx, B, C, S, mean, invstd, weight, grad_weight, grad_bias);
-#endif
-    default:
-        return -1;
-    }
+    DISPATCH(backward, dy, x, dx, B, C, S, mean, invstd, weight, grad_weight, grad_bias);
 }
 
 /* Eval: y = (x - running_mean) * (weight / sqrt(running_var + eps)) + bias. */
 int bn_inference(int dtype, const void *x, void *y, int64_t B, int64_t C, int64_t S, const void *running_mean,
                  const void *running_var, const void *weight, const void *bias, double eps) {
-    switch (dtype) {
-    case BN_FLOAT32:
-        return inference_f32(x, y, B, C, S, running_mean, running_var, weight, bias, eps);
-    case BN_FLOAT64:
-        return inference_f64(x, y, B, C, S, running_mean, running_var, weight, bias, eps);
-    case BN_BFLOAT16:
-        return inference_bf16(x, y, B, C, S, running_mean, running_var, weight, bias, eps);
-#if HAVE_FLOAT16
-    case BN_FLOAT16:
-        return inference_f16(x, y, B, C, S, running_mean, running_var, weight, bias, eps);
-#endif
-    default:
-        return -1;
-    }
+    DISPATCH(inference, x, y, B, C, S, running_mean, running_var, weight, bias, eps);
 }
 
 /* The normalize primitive on a contiguous (B, C, S) x: y = (x - mean) * (invstd * weight) + bias. */
 int bn_normalize(int dtype, const void *x, void *y, int64_t B, int64_t C, int64_t S, const void *mean,
                  const void *invstd, const void *weight, const void *bias) {
-    switch (dtype) {
-    case BN_FLOAT32:
-        return normalize_f32(x, y, B, C, S, mean, invstd, weight, bias);
-    case BN_FLOAT64:
-        return normalize_f64(x, y, B, C, S, mean, invstd, weight, bias);
-    case BN_BFLOAT16:
-        return normalize_bf16(x, y, B, C, S, mean, invstd, weight, bias);
-#if HAVE_FLOAT16
-    case BN_FLOAT16:
-        return normalize_f16(x, y, B, C, S, mean, invstd, weight, bias);
-#endif
-    default:
-        return -1;
-    }
+    DISPATCH(normalize, x, y, B, C, S, mean, invstd, weight, bias);
 }
 
 /* The grad_input primitive: dx from dy, x, the statistics and the two gradient sums over `count` values. */
 int bn_grad_input(int dtype, const void *dy, const void *x, void *dx, int64_t B, int64_t C, int64_t S,
                   const void *mean, const void *invstd, const void *weight, const void *sum_dy,
                   const void *sum_dy_xhat, double count) {
-    switch (dtype) {
-    case BN_FLOAT32:
-        return grad_input_sums_f32(dy, x, dx, B, C, S, mean, invstd, weight, sum_dy, sum_dy_xhat, count);
-    case BN_FLOAT64:
-        return grad_input_sums_f64(dy, x, dx, B, C, S, mean, invstd, weight, sum_dy, sum_dy_xhat, count);
-    case BN_BFLOAT16:
-        return grad_input_sums_bf16(dy, x, dx, B, C, S, mean, invstd, weight, sum_dy, sum_dy_xhat, count);
-#if HAVE_FLOAT16
-    case BN_FLOAT16:
-        return grad_input_sums_f16(dy, x, dx, B, C, S, mean, invstd, weight, sum_dy, sum_dy_xhat, count);
-#endif
-    default:
-        return -1;
-    }
+    DISPATCH(grad_input_sums, dy, x, dx, B, C, S, mean, invstd, weight, sum_dy, sum_dy_xhat, count);
 }
 
 /* Eval backward: grad_weight = sum(dy * x_hat), grad_bias = sum(dy) (when both are not NULL) and
-   dx = dy * invstd * weight (when dx is not NULL), x_hat = (x - mean) * invstd; one pass over dy and x. */
+   dx = dy * invstd * weight (when dx is not NULL), x_hat = (x - mean) * invstd; one pass over dy and x where the
+   type has the fused loop (float32, bfloat16 on AVX2), else the sums pass, then the dx pass. */
 int bn_eval_backward(int dtype, const void *dy, const void *x, void *dx, int64_t B, int64_t C, int64_t S,
                      const void *mean, const void *invstd, const void *weight, void *grad_weight, void *grad_bias) {
-    switch (dtype) {
-    case BN_FLOAT32:
-        return eval_backward_f32(dy, x, dx, B, C, S, mean, invstd, weight, grad_weight, grad_bias);
-    case BN_FLOAT64:
-        return eval_backward_f64(dy, x, dx, B, C, S, mean, invstd, weight, grad_weight, grad_bias);
-    case BN_BFLOAT16:
-        return eval_backward_bf16(dy, x, dx, B, C, S, mean, invstd, weight, grad_weight, grad_bias);
-#if HAVE_FLOAT16
-    case BN_FLOAT16:
-        return eval_backward_f16(dy, x, dx, B, C, S, mean, invstd, weight, grad_weight, grad_bias);
-#endif
-    default:
-        return -1;
-    }
+    DISPATCH(eval_backward, dy, x, dx, B, C, S, mean, invstd, weight, grad_weight, grad_bias);
 }

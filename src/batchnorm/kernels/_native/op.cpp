@@ -277,8 +277,8 @@ struct TrainBackward : public torch::autograd::Node {
 // Eval with a gradient (fine-tuning with frozen statistics, evaluation outside no_grad): y = x_hat * weight + bias
 // with x_hat = (x - running_mean) * invstd, invstd = 1 / sqrt(running_var + eps), all per feature and constant.
 // Backward (reference.py's batch_norm_inference differentiated): dx = dy * invstd * weight,
-// dweight = sum(dy * x_hat), dbias = sum(dy), in one pass over dy and x (bn_eval_backward). The running
-// statistics get no gradient, as in torch's op.
+// dweight = sum(dy * x_hat), dbias = sum(dy), by bn_eval_backward (one pass over dy and x for float32 and
+// bfloat16 on AVX2). The running statistics get no gradient, as in torch's op.
 struct EvalBackward : public torch::autograd::Node {
     torch::autograd::SavedVariable x_, weight_, mean_; // mean_: running_mean, version-checked as in torch's op
     Tensor invstd_;                                     // (C,), from running_var at the forward
@@ -457,13 +457,14 @@ std::optional<Tensor> inference(const Tensor &x, const Tensor &running_mean, con
         !plain_vector(running_mean, acc, s.features) || !plain_vector(running_var, acc, s.features))
         return std::nullopt;
     Tensor w = value_or_undefined(weight), b = value_or_undefined(bias);
-    if (needs_grad(x, w, b) && (running_mean.requires_grad() || running_var.requires_grad())) return std::nullopt;
+    bool differentiable = needs_grad(x, w, b);
+    if (differentiable && (running_mean.requires_grad() || running_var.requires_grad())) return std::nullopt;
     Tensor y = at::empty_like(x);
     int status = bn_inference(dtype_code(x), x.const_data_ptr(), y.mutable_data_ptr(), s.batches, s.features,
                               s.positions, running_mean.const_data_ptr(), running_var.const_data_ptr(),
                               data_or_null(w), data_or_null(b), eps);
     check_status(status, "inference");
-    if (needs_grad(x, w, b)) {
+    if (differentiable) {
         auto node = new_node<EvalBackward>();
         node->x_ = torch::autograd::SavedVariable(x, false);
         node->weight_ = torch::autograd::SavedVariable(w, false);

@@ -10,7 +10,7 @@
  *   AFFINE_ROWS  the function writing rows of y = (x - center) * scale + offset: FN(affine_rows), or a
  *              hand-vectorized one (bfloat16 on AVX2)
  *   FUSED_EVAL_BACKWARD  (optional) the eval backward's rows with both sums and dx in one loop of explicit
- *              vectors (float32 and bfloat16 on AVX2)
+ *              vectors (float32 and bfloat16 on AVX2); FUSES_DX is 1 where it is defined, else 0
  *   STREAMING, STREAM_AFFINE, STREAM_INPUT_GRAD
  *              1 and the float32 streaming-store versions of affine_rows and input_grad_rows,
  *              or 0 and the plain ones (for the other types)
@@ -252,19 +252,37 @@ static void FN(sums_rows_cf)(const T *x, const T *dy, int64_t r0, int64_t r1, in
     }
 }
 
+/* Both sums over rows [r0, r1), added into s1 and s2, by the variant for the layout. With dx (only where
+   FUSED_EVAL_BACKWARD exists; the caller checks FUSES_DX), also dx = dy * gain in the same loop. */
+static void FN(sums_range)(const T *x, const T *dy, T *dx, const A *gain, int64_t r0, int64_t r1, int64_t C,
+                           int64_t S, const A *k, double *s1, double *s2) {
+#ifdef FUSED_EVAL_BACKWARD
+    if (dx != NULL) {
+        FUSED_EVAL_BACKWARD(dy, x, dx, r0, r1, C, S, k, gain, s1, s2);
+        return;
+    }
+#else
+    (void)dx;
+    (void)gain;
+#endif
+    if (S == 1 && C <= NARROW)
+        FN(sums_rows_narrow)(x, dy, r0, r1, C, k, s1, s2);
+    else if (S == 1)
+        FN(sums_rows)(x, dy, r0, r1, C, k, s1, s2);
+    else
+        FN(sums_rows_cf)(x, dy, r0, r1, C, S, k, s1, s2);
+}
+
 /* Both sums for every feature, in double, with the threads of the (shared) OpenMP runtime. Memory is
-   read in order, split in contiguous ranges of rows, one per thread, each with its own partial sums. */
-static int FN(sums)(const T *x, const T *dy, int64_t B, int64_t C, int64_t S, const A *k, double *s1, double *s2) {
+   read in order, split in contiguous ranges of rows, one per thread, each with its own partial sums.
+   dx and gain: NULL, or (with FUSES_DX) dx = dy * gain written in the same pass. */
+static int FN(sums)(const T *x, const T *dy, T *dx, const A *gain, int64_t B, int64_t C, int64_t S, const A *k,
+                    double *s1, double *s2) {
     int threads = team_size(B * C * S);
     int64_t rows = S == 1 ? B : B * C;
     for (int64_t c = 0; c < C; c++) s1[c] = s2[c] = 0.0;
     if (threads == 1) {
-        if (S == 1 && C <= NARROW)
-            FN(sums_rows_narrow)(x, dy, 0, rows, C, k, s1, s2);
-        else if (S == 1)
-            FN(sums_rows)(x, dy, 0, rows, C, k, s1, s2);
-        else
-            FN(sums_rows_cf)(x, dy, 0, rows, C, S, k, s1, s2);
+        FN(sums_range)(x, dy, dx, gain, 0, rows, C, S, k, s1, s2);
         return 0;
     }
     double *part = (double *)calloc((size_t)threads * 2 * (size_t)C, sizeof(double));
@@ -274,12 +292,7 @@ static int FN(sums)(const T *x, const T *dy, int64_t B, int64_t C, int64_t S, co
         int t = thread_index();
         int64_t r0 = rows * t / threads, r1 = rows * (t + 1) / threads;
         double *p1 = part + (size_t)t * 2 * C, *p2 = p1 + C;
-        if (S == 1 && C <= NARROW)
-            FN(sums_rows_narrow)(x, dy, r0, r1, C, k, p1, p2);
-        else if (S == 1)
-            FN(sums_rows)(x, dy, r0, r1, C, k, p1, p2);
-        else
-            FN(sums_rows_cf)(x, dy, r0, r1, C, S, k, p1, p2);
+        FN(sums_range)(x, dy, dx, gain, r0, r1, C, S, k, p1, p2);
     }
     for (int t = 0; t < threads; t++) {
         const double *p1 = part + (size_t)t * 2 * C, *p2 = p1 + C;
@@ -396,7 +409,7 @@ static int FN(forward)(const T *x, T *y, int64_t B, int64_t C, int64_t S, const 
     int status = 0;
     for (int round = 0; round < 2; round++) {
         for (int64_t c = 0; c < C; c++) center[c] = (A)k[c];
-        status = FN(sums)(x, NULL, B, C, S, center, s1, s2);
+        status = FN(sums)(x, NULL, NULL, NULL, B, C, S, center, s1, s2);
         if (status != 0) break;
         int far = 0;
         for (int64_t c = 0; c < C; c++) {
@@ -452,7 +465,7 @@ static int FN(backward)(const T *dy, const T *x, T *dx, int64_t B, int64_t C, in
         return -2;
     }
     double *s1 = work, *s2 = work + C;
-    int status = FN(sums)(x, dy, B, C, S, mean, s1, s2);
+    int status = FN(sums)(x, dy, NULL, NULL, B, C, S, mean, s1, s2);
     if (status == 0) {
         A *gain = acc, *offset = acc + C, *slope = acc + 2 * C;
         for (int64_t c = 0; c < C; c++) {
@@ -521,83 +534,37 @@ static int FN(grad_input_sums)(const T *dy, const T *x, T *dx, int64_t B, int64_
     return 0;
 }
 
-/* Rows [r0, r1) of the eval backward: s1 += sum(dy), s2 += sum(dy * (x - mean)) (unless s1 is NULL) and
-   dx = dy * gain (unless dx is NULL), in chunks of about FUSE_BYTES of dy: a chunk's sums are taken, then its
-   dx written while the chunk is still in the cache, so dy is read from memory once. */
-static void FN(eval_backward_rows)(const T *dy, const T *x, T *dx, int64_t r0, int64_t r1, int64_t C, int64_t S,
-                                   const A *mean, const A *gain, const A *zero, double *s1, double *s2, int stream) {
-#ifdef FUSED_EVAL_BACKWARD
-    if (s1 != NULL && dx != NULL) { /* both: one loop with explicit vectors */
-        FUSED_EVAL_BACKWARD(dy, x, dx, r0, r1, C, S, mean, gain, s1, s2);
-        return;
-    }
-#endif
-    const int64_t row_bytes = (S == 1 ? C : S) * (int64_t)sizeof(T);
-    int64_t chunk = FUSE_BYTES / row_bytes;
-    if (chunk < 1) chunk = 1;
-    for (int64_t r = r0; r < r1; r += chunk) {
-        const int64_t re = r + chunk < r1 ? r + chunk : r1;
-        if (s1 != NULL) {
-            if (S == 1 && C <= NARROW)
-                FN(sums_rows_narrow)(x, dy, r, re, C, mean, s1, s2);
-            else if (S == 1)
-                FN(sums_rows)(x, dy, r, re, C, mean, s1, s2);
-            else
-                FN(sums_rows_cf)(x, dy, r, re, C, S, mean, s1, s2);
-        }
-        if (dx != NULL) {
-            if (stream)
-                STREAM_AFFINE(dy, dx, r, re, C, S, zero, gain, zero);
-            else
-                AFFINE_ROWS(dy, dx, r, re, C, S, zero, gain, zero);
-        }
-    }
-}
-
 /* Eval backward (the map y = (x - mean) * invstd * weight + bias with constant mean and invstd):
    grad_weight = sum(dy * (x - mean)) * invstd and grad_bias = sum(dy) (both, or neither when NULL), and
-   dx = dy * (invstd * weight) unless dx is NULL; one pass over dy and x. */
+   dx = dy * (invstd * weight) unless dx is NULL. Both at once: one pass over dy and x where the type has the
+   fused loop (FUSES_DX), else the sums pass and then the dx pass. */
 static int FN(eval_backward)(const T *dy, const T *x, T *dx, int64_t B, int64_t C, int64_t S, const A *mean,
                              const A *invstd, const A *weight, A *grad_weight, A *grad_bias) {
-    const int threads = team_size(B * C * S);
-    const int64_t rows = S == 1 ? B : B * C;
     const int sums = grad_weight != NULL && grad_bias != NULL;
-    const int stream = STREAMING && dx != NULL && stream_output(B * C * S * (int64_t)sizeof(T) / threads);
     A *acc = (A *)malloc(sizeof(A) * 2 * (size_t)C);
-    double *part = (double *)calloc((size_t)threads * 2 * (size_t)C, sizeof(double));
-    if (acc == NULL || part == NULL) {
+    double *work = (double *)malloc(sizeof(double) * 2 * (size_t)C);
+    if (acc == NULL || work == NULL) {
         free(acc);
-        free(part);
+        free(work);
         return -2;
     }
     A *gain = acc, *zero = acc + C;
+    double *s1 = work, *s2 = work + C;
     for (int64_t c = 0; c < C; c++) {
         gain[c] = (A)(weight == NULL ? (double)invstd[c] : (double)invstd[c] * (double)weight[c]);
         zero[c] = (A)0;
     }
-    if (threads == 1) {
-        FN(eval_backward_rows)(dy, x, dx, 0, rows, C, S, mean, gain, zero, sums ? part : NULL, part + C, stream);
-    } else {
-#pragma omp parallel num_threads(threads)
-        {
-            int t = thread_index();
-            int64_t r0 = rows * t / threads, r1 = rows * (t + 1) / threads;
-            double *p1 = part + (size_t)t * 2 * C;
-            FN(eval_backward_rows)(dy, x, dx, r0, r1, C, S, mean, gain, zero, sums ? p1 : NULL, p1 + C, stream);
-        }
-    }
-    if (sums) {
+    int status = 0;
+    const int fused = FUSES_DX && sums && dx != NULL;
+    if (sums) status = FN(sums)(x, dy, fused ? dx : NULL, fused ? gain : NULL, B, C, S, mean, s1, s2);
+    if (status == 0 && dx != NULL && !fused) FN(affine)(dy, dx, B, C, S, zero, gain, zero);
+    if (status == 0 && sums) {
         for (int64_t c = 0; c < C; c++) {
-            double s1 = 0.0, s2 = 0.0;
-            for (int t = 0; t < threads; t++) {
-                s1 += part[(size_t)t * 2 * C + c];
-                s2 += part[(size_t)t * 2 * C + C + c];
-            }
-            grad_bias[c] = (A)s1;
-            grad_weight[c] = (A)(s2 * (double)invstd[c]);
+            grad_bias[c] = (A)s1[c];
+            grad_weight[c] = (A)(s2[c] * (double)invstd[c]);
         }
     }
     free(acc);
-    free(part);
-    return 0;
+    free(work);
+    return status;
 }
