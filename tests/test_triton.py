@@ -316,10 +316,11 @@ def check_dispatch_through_kernels() -> None:
         _close("kernels.grad_input", dx, want_dx, 1e-4 * (1 + want_dx.abs().max()))
 
 
-def check_batch_norm_function() -> None:
-    # The function route with backend "triton", forward and backward, against F.batch_norm in float64.
-    from batchnorm.functional import BatchNormFunction
-
+def _training_against_float64(
+    what: str, forward: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor], relu: bool
+) -> None:
+    """``forward(x, weight, bias, feature)`` (training mode, triton backend) and its gradients against
+    ``F.batch_norm`` (then ReLU when ``relu``) in float64, on the first four layouts, float32 and bfloat16."""
     for dtype in (torch.float32, torch.bfloat16):
         for name, shape, axis, layout in LAYOUTS[:4]:
             x = _make(shape, layout, dtype).requires_grad_()
@@ -327,20 +328,33 @@ def check_batch_norm_function() -> None:
             c = x.shape[feature]
             weight = torch.randn(c, requires_grad=True)
             bias = torch.randn(c, requires_grad=True)
-            y, _mean, _var = BatchNormFunction.apply(x, weight, bias, feature, EPS, "triton")  # type: ignore[no-untyped-call]
+            y = forward(x, weight, bias, feature)
             dy = torch.randn(x.shape, dtype=F64).to(dtype)
             dx, dweight, dbias = torch.autograd.grad(y, (x, weight, bias), dy)
             xd = x.detach().to(F64).movedim(feature, 1).contiguous().requires_grad_()
             wd = weight.detach().to(F64).requires_grad_()
             bd = bias.detach().to(F64).requires_grad_()
             yd = F.batch_norm(xd, None, None, wd, bd, training=True, eps=EPS)
+            if relu:
+                yd = torch.relu(yd)
             want = torch.autograd.grad(yd, (xd, wd, bd), dy.to(F64).movedim(feature, 1).contiguous())
-            label = f"{name} {dtype}"
+            label = f"{what} {name} {dtype}"
             assert (y.stride(), dx.stride()) == (x.stride(), x.stride()), label
             u = _unit(dtype)
             _close(f"{label} y", y.movedim(feature, 1), yd.detach(), 1e-4 + 2 * u * (1 + yd.detach().abs()))
-            for got, ref, what in zip((dx.movedim(feature, 1), dweight, dbias), want, ("dx", "dweight", "dbias")):
-                _close(f"{label} {what}", got, ref, (1e-4 + 4 * u) * (1 + ref.abs().max()))
+            for got, ref, grad in zip((dx.movedim(feature, 1), dweight, dbias), want, ("dx", "dweight", "dbias")):
+                _close(f"{label} {grad}", got, ref, (1e-4 + 4 * u) * (1 + ref.abs().max()))
+
+
+def check_batch_norm_function() -> None:
+    # The function route with backend "triton", forward and backward, against F.batch_norm in float64.
+    from batchnorm.functional import BatchNormFunction
+
+    def forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, feature: int) -> torch.Tensor:
+        y: torch.Tensor = BatchNormFunction.apply(x, weight, bias, feature, EPS, "triton")[0]  # type: ignore[no-untyped-call]
+        return y
+
+    _training_against_float64("function", forward, relu=False)
 
 
 def check_batch_norm_act_fused_relu() -> None:
@@ -348,29 +362,13 @@ def check_batch_norm_act_fused_relu() -> None:
     # saved since a CUDA plan has no host checks), forward and backward, against BN + ReLU in float64.
     from batchnorm.nn.fused import _BatchNormActFunction
 
-    for dtype in (torch.float32, torch.bfloat16):
-        for name, shape, axis, layout in LAYOUTS[:4]:
-            x = _make(shape, layout, dtype).requires_grad_()
-            feature = axis % x.dim()
-            c = x.shape[feature]
-            weight = torch.randn(c, requires_grad=True)
-            bias = torch.randn(c, requires_grad=True)
-            a, _mean, _var = _BatchNormActFunction.apply(  # type: ignore[no-untyped-call]
-                x, weight, bias, feature, EPS, "relu", 0.0, "output", "triton", False
-            )
-            dy = torch.randn(x.shape, dtype=F64).to(dtype)
-            dx, dweight, dbias = torch.autograd.grad(a, (x, weight, bias), dy)
-            xd = x.detach().to(F64).movedim(feature, 1).contiguous().requires_grad_()
-            wd = weight.detach().to(F64).requires_grad_()
-            bd = bias.detach().to(F64).requires_grad_()
-            ad = torch.relu(F.batch_norm(xd, None, None, wd, bd, training=True, eps=EPS))
-            want = torch.autograd.grad(ad, (xd, wd, bd), dy.to(F64).movedim(feature, 1).contiguous())
-            label = f"act {name} {dtype}"
-            assert a.stride() == x.stride(), label
-            u = _unit(dtype)
-            _close(f"{label} a", a.movedim(feature, 1), ad.detach(), 1e-4 + 2 * u * (1 + ad.detach().abs()))
-            for got, ref, what in zip((dx.movedim(feature, 1), dweight, dbias), want, ("dx", "dweight", "dbias")):
-                _close(f"{label} {what}", got, ref, (1e-4 + 4 * u) * (1 + ref.abs().max()))
+    def forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, feature: int) -> torch.Tensor:
+        a: torch.Tensor = _BatchNormActFunction.apply(  # type: ignore[no-untyped-call]
+            x, weight, bias, feature, EPS, "relu", 0.0, "output", "triton", False
+        )[0]
+        return a
+
+    _training_against_float64("act", forward, relu=True)
 
 
 CHECKS: dict[str, Callable[[], None]] = {
