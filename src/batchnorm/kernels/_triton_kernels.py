@@ -34,6 +34,20 @@ INTERPRETED: bool = _interpreting()
 
 
 @triton.jit
+def _columns(n_cols, BLOCK_C: tl.constexpr):
+    """This program's block of features (grid axis 1) and which of them exist."""
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    return cols, cols < n_cols
+
+
+@triton.jit
+def _tile(rows, row_end, cols, col_mask, n_cols):
+    """The mask and 64-bit element offsets of the tile ``rows x cols`` (rows at or beyond ``row_end`` masked)."""
+    mask = (rows < row_end)[:, None] & col_mask[None, :]
+    return mask, rows.to(tl.int64)[:, None] * n_cols + cols[None, :]
+
+
+@triton.jit
 def stats_partials(
     x_ptr,
     mean_ptr,
@@ -56,18 +70,14 @@ def stats_partials(
     ``M2 += M2_b + delta^2 * n_a * n_b / n``.
     """
     pid_m = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    col_mask = cols < n_cols
+    cols, col_mask = _columns(n_cols, BLOCK_C)
     first = pid_m * rows_per_program
     last = tl.minimum(first + rows_per_program, n_rows)
     shift = tl.load(x_ptr + cols, mask=col_mask, other=0.0).to(ACC)
     mean = tl.zeros([BLOCK_C], dtype=ACC)  # of x - shift
     m2 = tl.zeros([BLOCK_C], dtype=ACC)
     for start in range(first, last, BLOCK_M):
-        rows = start + tl.arange(0, BLOCK_M)
-        mask = (rows < last)[:, None] & col_mask[None, :]
-        offsets = rows.to(tl.int64)[:, None] * n_cols + cols[None, :]
+        mask, offsets = _tile(start + tl.arange(0, BLOCK_M), last, cols, col_mask, n_cols)
         x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(ACC)
         shifted = tl.where(mask, x - shift[None, :], 0.0)
         seen = (start - first).to(ACC)
@@ -100,18 +110,14 @@ def grad_sums_partials(
 ):
     """Per program: ``sum(dy)`` and ``sum(dy * (x - mean))`` over its rows, per feature."""
     pid_m = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    col_mask = cols < n_cols
+    cols, col_mask = _columns(n_cols, BLOCK_C)
     mu = tl.load(mean_ptr + cols, mask=col_mask, other=0.0)
     first = pid_m * rows_per_program
     last = tl.minimum(first + rows_per_program, n_rows)
     sum_dy = tl.zeros([BLOCK_C], dtype=ACC)
     sum_dy_centered = tl.zeros([BLOCK_C], dtype=ACC)
     for start in range(first, last, BLOCK_M):
-        rows = start + tl.arange(0, BLOCK_M)
-        mask = (rows < last)[:, None] & col_mask[None, :]
-        offsets = rows.to(tl.int64)[:, None] * n_cols + cols[None, :]
+        mask, offsets = _tile(start + tl.arange(0, BLOCK_M), last, cols, col_mask, n_cols)
         g = tl.load(dy_ptr + offsets, mask=mask, other=0.0).to(ACC)
         x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(ACC)
         sum_dy += tl.sum(g, axis=0)
@@ -137,13 +143,8 @@ def normalize(
     ACC: tl.constexpr,
 ):
     """``y = relu?((x - mean) * scale + bias)``, rounded once to ``y``'s dtype."""
-    pid_m = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    col_mask = cols < n_cols
-    mask = (rows < n_rows)[:, None] & col_mask[None, :]
-    offsets = rows.to(tl.int64)[:, None] * n_cols + cols[None, :]
+    cols, col_mask = _columns(n_cols, BLOCK_C)
+    mask, offsets = _tile(tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M), n_rows, cols, col_mask, n_cols)
     x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(ACC)
     mu = tl.load(mean_ptr + cols, mask=col_mask, other=0.0)
     scale = tl.load(scale_ptr + cols, mask=col_mask, other=0.0)
@@ -172,13 +173,8 @@ def grad_input(
     ACC: tl.constexpr,
 ):
     """``dx = gain * (dy - mean_dy - x_hat * mean_dy_xhat)`` with ``x_hat = (x - mean) * invstd``."""
-    pid_m = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    col_mask = cols < n_cols
-    mask = (rows < n_rows)[:, None] & col_mask[None, :]
-    offsets = rows.to(tl.int64)[:, None] * n_cols + cols[None, :]
+    cols, col_mask = _columns(n_cols, BLOCK_C)
+    mask, offsets = _tile(tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M), n_rows, cols, col_mask, n_cols)
     g = tl.load(dy_ptr + offsets, mask=mask, other=0.0).to(ACC)
     x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(ACC)
     mu = tl.load(mean_ptr + cols, mask=col_mask, other=0.0)
