@@ -97,6 +97,15 @@ def test_compare_page_uses_tables_captions_formulas_and_no_preformatted_text(tmp
     assert "<script" not in page.split("<h2>What each BN layer")[0]  # no MathJax or other script
 
 
+def test_compare_page_names_the_device(tmp_path: Path) -> None:
+    results = _fake_compare()
+    results["device"] = "cuda:0"
+    page = write_report(tmp_path, results).read_text(encoding="utf-8")
+    assert "steps, on cuda:0.</p>" in page
+    del results["device"]  # results written before the device was recorded
+    assert ", on " not in write_report(tmp_path, results).read_text(encoding="utf-8").split("<h2>Results")[0]
+
+
 def test_summary_rows_are_the_printed_table() -> None:
     results = _fake_compare()
     text = report.format_summary(results)

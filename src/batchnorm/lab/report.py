@@ -459,13 +459,15 @@ def write_report(out_dir: str | Path, results: dict[str, Any], extra_sections: l
         if results.get("explain")
         else f"<h2>The formulas</h2>\n{FORMULAS_HTML}"
     )
+    device_text = f", on {html.escape(str(results['device']))}" if results.get("device") else ""
     body = f"""<h1>Batch normalization in a deep network</h1>
 <p>The same network ({html.escape(str(config.get("model", "")))}, {html.escape(act)}) trained
 from the same init ({html.escape(str(config.get("init", "")))}), seed and mini-batches of
 {html.escape(str(config.get("batch_size", "")))}, {html.escape(_labels(results)["bn"])} and without.
 {html.escape(seeds_text)}Data: {html.escape(str(results.get("dataset", "")))}{html.escape(validation_text)}.
 SGD, learning rate {html.escape(str(config.get("lr", "")))},
-momentum {html.escape(str(config.get("momentum", "")))}, {html.escape(str(config.get("steps", "")))} steps.</p>
+momentum {html.escape(str(config.get("momentum", "")))},
+{html.escape(str(config.get("steps", "")))} steps{device_text}.</p>
 <h2>Results</h2>
 {results_table}
 {explain_html}
